@@ -1,0 +1,80 @@
+//! Server configuration: flags, each with a `GANTRY_*` environment variable.
+use std::{net::SocketAddr, path::PathBuf};
+
+/// Everything `gantry-server` can be told.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "gantry-server", version, about = "Gantry job server (gRPC)")]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "GANTRY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Database: `sqlite://PATH?mode=rwc` (embedded, the default) or `postgres://…`
+    /// (for several server replicas).
+    #[arg(
+        long,
+        env = "GANTRY_DATABASE_URL",
+        default_value = "sqlite://gantry.db?mode=rwc"
+    )]
+    pub database_url: String,
+
+    /// Token runners present to `Register`. Generated and logged when absent.
+    #[arg(long, env = "GANTRY_REGISTRATION_TOKEN", hide_env_values = true)]
+    pub registration_token: Option<String>,
+
+    /// API tokens accepted for JobService and AdminService (comma-separated in the
+    /// environment). One is generated and logged when none is given.
+    #[arg(
+        long = "api-token",
+        env = "GANTRY_API_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_tokens: Vec<String>,
+
+    /// Lease length in seconds: a runner that does not heartbeat for this long loses its jobs.
+    #[arg(long, env = "GANTRY_LEASE_SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub lease_seconds: u32,
+
+    /// Timeout of jobs that name none, in seconds.
+    #[arg(long, env = "GANTRY_DEFAULT_TIMEOUT_SECONDS", default_value_t = 3600, value_parser = clap::value_parser!(u32).range(1..=604800))]
+    pub default_timeout_seconds: u32,
+
+    /// Seconds past a job's deadline after which the server itself marks the attempt
+    /// TIMED_OUT when its runner has not.
+    #[arg(long, env = "GANTRY_TIMEOUT_GRACE_SECONDS", default_value_t = 30)]
+    pub timeout_grace_seconds: u32,
+
+    /// Terminal jobs older than this many seconds are deleted with their events and logs
+    /// (0 keeps them forever). Default: 7 days.
+    #[arg(long, env = "GANTRY_RETENTION_SECONDS", default_value_t = 604800)]
+    pub retention_seconds: u64,
+
+    /// How often the reaper looks for expired leases and overdue attempts, in milliseconds.
+    #[arg(long, env = "GANTRY_REAP_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=60000))]
+    pub reap_interval_ms: u64,
+
+    /// Safety-net interval, in milliseconds, at which a runner session re-reads its commands
+    /// and the queue even without a signal (signals push at once; this only covers a signal
+    /// lost between replicas).
+    #[arg(long, env = "GANTRY_SESSION_RECHECK_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub session_recheck_ms: u64,
+
+    /// PEM certificate chain for TLS (with --tls-key).
+    #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key for TLS (with --tls-cert).
+    #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Config {
+    /// A configuration with every default, for embedding and tests.
+    pub fn with_database(database_url: impl Into<String>) -> Config {
+        use clap::Parser;
+        let mut config = Config::parse_from(["gantry-server"]);
+        config.database_url = database_url.into();
+        config
+    }
+}

@@ -1,0 +1,136 @@
+//! In-process signals that wake whoever waits on a change: watchers of a job, the session
+//! of a runner that has a new command, and runners waiting for work. On PostgreSQL the same
+//! signals travel between server replicas through LISTEN/NOTIFY (see [`crate::replicas`]).
+//!
+//! A signal only says "look again": the database stays the source of truth, so a missed or
+//! doubled signal costs a query, never correctness.
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Mutex,
+};
+
+use tokio::sync::{broadcast, watch};
+use uuid::Uuid;
+
+/// Resolves once `shutdown` turns true (or its sender is gone). Keeps the watch guard out
+/// of callers' futures, which must stay `Send`.
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// What changed, collected during a transaction and published after it commits.
+#[derive(Debug, Default, Clone)]
+pub struct Signals {
+    /// Jobs whose events, logs or status changed.
+    pub jobs: HashSet<Uuid>,
+    /// Runners with new commands.
+    pub runners: HashSet<Uuid>,
+    /// New work may be dispatchable (a submit, a requeue, a released lock).
+    pub work: bool,
+}
+
+impl Signals {
+    /// Whether there is nothing to publish.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.runners.is_empty() && !self.work
+    }
+
+    /// Adds another set.
+    pub fn merge(&mut self, other: Signals) {
+        self.jobs.extend(other.jobs);
+        self.runners.extend(other.runners);
+        self.work |= other.work;
+    }
+}
+
+/// The signal hub shared by services, sessions and background tasks.
+pub struct Hub {
+    /// Job ids that changed; WatchJob and GetLogs followers filter on their own id.
+    /// Bounded: a lagging follower just re-reads the database.
+    jobs: broadcast::Sender<Uuid>,
+    /// Generation counter bumped when new work may be dispatchable.
+    work: watch::Sender<u64>,
+    /// Per-runner generation counters bumped when the runner has new commands.
+    runners: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// Where signals go to reach other replicas (PostgreSQL only).
+    outbound: Mutex<Option<tokio::sync::mpsc::Sender<Signals>>>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            jobs: broadcast::channel(4096).0,
+            work: watch::channel(0).0,
+            runners: Mutex::new(HashMap::new()),
+            outbound: Mutex::new(None),
+        }
+    }
+}
+
+impl Hub {
+    /// Publishes locally and, when replicas are connected, to the others.
+    pub fn publish(&self, signals: Signals) {
+        if signals.is_empty() {
+            return;
+        }
+        let outbound = self
+            .outbound
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(tx) = outbound {
+            // Best effort: a full channel only delays other replicas until their own
+            // periodic re-check; the local signal below is what matters here.
+            let _ = tx.try_send(signals.clone());
+        }
+        self.publish_local(&signals);
+    }
+
+    /// Wakes local waiters only (used for signals that came from other replicas).
+    pub fn publish_local(&self, signals: &Signals) {
+        for job in &signals.jobs {
+            let _ = self.jobs.send(*job);
+        }
+        if !signals.runners.is_empty() {
+            let runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+            for runner in &signals.runners {
+                if let Some(tx) = runners.get(runner) {
+                    tx.send_modify(|g| *g += 1);
+                }
+            }
+        }
+        if signals.work {
+            self.work.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Sets the channel toward other replicas.
+    pub fn set_outbound(&self, tx: tokio::sync::mpsc::Sender<Signals>) {
+        *self.outbound.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+    }
+
+    /// Follows job changes.
+    pub fn subscribe_jobs(&self) -> broadcast::Receiver<Uuid> {
+        self.jobs.subscribe()
+    }
+
+    /// Follows "work may be available".
+    pub fn subscribe_work(&self) -> watch::Receiver<u64> {
+        self.work.subscribe()
+    }
+
+    /// Follows commands for one runner.
+    pub fn subscribe_runner(&self, runner: Uuid) -> watch::Receiver<u64> {
+        let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+        runners
+            .entry(runner)
+            .or_insert_with(|| watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// Forgets runners nobody follows any more.
+    pub fn prune_runners(&self) {
+        let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
+        runners.retain(|_, tx| tx.receiver_count() > 0);
+    }
+}

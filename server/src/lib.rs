@@ -1,0 +1,249 @@
+//! gantry-server: the gRPC job server.
+//!
+//! [`start`] opens the database (running migrations), starts the background tasks (report
+//! ingester, reaper, health prober, replica notifications on PostgreSQL) and serves
+//! `gantry.v1.{JobService, RunnerService, AdminService}`, `grpc.health.v1.Health` and server
+//! reflection on a listener. [`RunningServer::shutdown`] stops it gracefully: followers and
+//! sessions end, in-flight calls finish, the pool closes.
+pub mod auth;
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod leases;
+pub mod lifecycle;
+pub mod replicas;
+pub mod reports;
+pub mod runners;
+pub mod service;
+pub mod session;
+pub mod store;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use gantry_proto as pb;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Identity, ServerTlsConfig};
+use tonic_health::ServingStatus;
+
+pub use config::Config;
+
+/// Everything a request handler or background task needs. Cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    /// The database.
+    pub store: store::Store,
+    /// Change signals (local, and across replicas on PostgreSQL).
+    pub hub: Arc<events::Hub>,
+    /// The configuration the server started with.
+    pub config: Arc<Config>,
+    /// Token checks.
+    pub auth: Arc<auth::Auth>,
+    /// The group-committing report writer.
+    pub ingester: reports::Ingester,
+    /// Becomes `true` when the server is stopping; long-lived streams end on it.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl App {
+    /// Lifecycle timing rules from the configuration.
+    pub fn rules(&self) -> lifecycle::Rules {
+        lifecycle::Rules {
+            lease_ms: i64::from(self.config.lease_seconds) * 1000,
+        }
+    }
+}
+
+/// A server started by [`start`].
+pub struct RunningServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// The registration token in force (generated when the config had none).
+    pub registration_token: String,
+    /// The API tokens in force (one generated when the config had none).
+    pub api_tokens: Vec<String>,
+    shutdown: watch::Sender<bool>,
+    serve: JoinHandle<Result<(), tonic::transport::Error>>,
+    tasks: Vec<JoinHandle<()>>,
+    store: store::Store,
+}
+
+impl RunningServer {
+    /// Stops accepting calls, ends streams, waits for in-flight calls, closes the database.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        let served = self.serve.await.context("server task panicked")?;
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.store.close().await;
+        served.context("gRPC server failed")
+    }
+
+    /// Waits until the server stops by itself (it only does on a transport error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        (&mut self.serve)
+            .await
+            .context("server task panicked")?
+            .context("gRPC server failed")
+    }
+}
+
+/// Starts a server on `listener` with `config`.
+pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<RunningServer> {
+    let addr = listener.local_addr()?;
+    let registration_token = match &config.registration_token {
+        Some(t) if !t.is_empty() => t.clone(),
+        _ => {
+            let t = auth::random_token();
+            tracing::warn!(token = %t, "no registration token configured; generated one for runners");
+            config.registration_token = Some(t.clone());
+            t
+        }
+    };
+    config.api_tokens.retain(|t| !t.is_empty());
+    if config.api_tokens.is_empty() {
+        let t = auth::random_token();
+        tracing::warn!(token = %t, "no API token configured; generated one for clients");
+        config.api_tokens.push(t);
+    }
+    let api_tokens = config.api_tokens.clone();
+
+    let store = store::Store::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening database {}", redact(&config.database_url)))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (ingester, ingest_rx) = reports::Ingester::channel();
+    let app = App {
+        store: store.clone(),
+        hub: Arc::new(events::Hub::default()),
+        auth: Arc::new(auth::Auth::new(&registration_token, &api_tokens)),
+        config: Arc::new(config.clone()),
+        ingester,
+        shutdown: shutdown_rx.clone(),
+    };
+    reports::Ingester::start(app.clone(), ingest_rx);
+    let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
+    if store.is_postgres() {
+        tasks.push(tokio::spawn(replicas::run(app.clone())));
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    tasks.push(tokio::spawn(probe_health(app.clone(), health_reporter)));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
+        let cert = tokio::fs::read(cert)
+            .await
+            .with_context(|| format!("reading TLS certificate {}", cert.display()))?;
+        let key = tokio::fs::read(key)
+            .await
+            .with_context(|| format!("reading TLS key {}", key.display()))?;
+        builder = builder
+            .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+            .context("TLS configuration")?;
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(pb::job_service_server::JobServiceServer::new(
+            service::jobs::JobApi(app.clone()),
+        ))
+        .add_service(pb::runner_service_server::RunnerServiceServer::new(
+            service::runner::RunnerApi(app.clone()),
+        ))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(
+            service::admin::AdminApi(app.clone()),
+        ));
+    let mut stop = shutdown_rx;
+    let serve = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            let _ = crate::events::stopped(&mut stop).await;
+        },
+    ));
+    tracing::info!(%addr, postgres = store.is_postgres(), "gantry-server listening");
+    Ok(RunningServer {
+        addr,
+        registration_token,
+        api_tokens,
+        shutdown: shutdown_tx,
+        serve,
+        tasks,
+        store,
+    })
+}
+
+/// Names the health service reports on besides the overall "".
+const SERVICES: &[&str] = &[
+    "",
+    "gantry.v1.JobService",
+    "gantry.v1.RunnerService",
+    "gantry.v1.AdminService",
+];
+
+/// Keeps `grpc.health.v1` in step with the database: SERVING only while it answers.
+async fn probe_health(app: App, reporter: tonic_health::server::HealthReporter) {
+    let mut last = None;
+    let mut shutdown = app.shutdown.clone();
+    loop {
+        let status = if app.store.ping().await {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            if status == ServingStatus::NotServing {
+                tracing::warn!("database unreachable: health is NOT_SERVING");
+            }
+            for name in SERVICES {
+                reporter.set_service_status(*name, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::events::stopped(&mut shutdown) => {
+                for name in SERVICES {
+                    reporter.set_service_status(*name, ServingStatus::NotServing).await;
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A database URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}

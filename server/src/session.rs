@@ -1,0 +1,202 @@
+//! The `Session` stream: the fast path a real runner holds.
+//!
+//! One task per session owns the runner's credits and reads three sources: the runner's
+//! messages, the runner's command signal (a cancel is pushed the moment its transaction
+//! commits, with no polling interval in the way) and the work signal (new jobs are pushed
+//! while the runner has credits). Reports go to the group-committing ingester; their acks
+//! (and fencing rejections) come back on the same stream.
+use std::time::Duration;
+
+use gantry_proto as pb;
+use pb::{session_request::Kind as In, session_response::Kind as Out};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use uuid::Uuid;
+
+use crate::{App, dispatch, error::Error, leases, runners};
+
+/// Messages buffered toward the runner before the session task waits for it.
+pub const OUTBOUND_BUFFER: usize = 256;
+/// Runner messages buffered before reading pauses (backpressure).
+const INBOUND_BUFFER: usize = 64;
+/// Most credits a runner may hold.
+const MAX_CREDITS: u32 = 4096;
+
+type Outbound = mpsc::Sender<Result<pb::SessionResponse, Status>>;
+
+async fn send(out: &Outbound, kind: Out) -> bool {
+    out.send(Ok(pb::SessionResponse { kind: Some(kind) }))
+        .await
+        .is_ok()
+}
+
+/// Runs a session until the runner leaves, the stream breaks or the server stops.
+pub async fn run(app: App, runner_id: Uuid, inbound: Streaming<pb::SessionRequest>, out: Outbound) {
+    if let Err(e) = serve(&app, runner_id, inbound, &out).await {
+        let _ = out.send(Err(e.into())).await;
+    }
+    tracing::debug!(runner = %runner_id, "session ended");
+}
+
+async fn serve(
+    app: &App,
+    runner_id: Uuid,
+    mut inbound: Streaming<pb::SessionRequest>,
+    out: &Outbound,
+) -> Result<(), Error> {
+    let hello = match inbound.message().await {
+        Ok(Some(pb::SessionRequest {
+            kind: Some(In::Hello(hello)),
+        })) => hello,
+        Ok(Some(_)) => {
+            return Err(Error::invalid(
+                "kind",
+                "the first session message must be `hello`",
+            ));
+        }
+        Ok(None) => return Ok(()),
+        Err(status) => {
+            tracing::debug!(%status, "session closed before hello");
+            return Ok(());
+        }
+    };
+    // Subscribe before the first reads, so nothing signalled in between is missed.
+    let mut commands_rx = app.hub.subscribe_runner(runner_id);
+    let mut work_rx = app.hub.subscribe_work();
+    let mut shutdown = app.shutdown.clone();
+
+    let beat = leases::heartbeat(app, runner_id, &hello.held).await?;
+    let mut credits = hello.free_slots.min(MAX_CREDITS);
+    if !send(
+        out,
+        Out::Welcome(pb::Welcome {
+            runner_id: runner_id.to_string(),
+            lease_seconds: app.config.lease_seconds,
+            heartbeat_interval_seconds: (app.config.lease_seconds / 3).max(1),
+            revoked: beat.revoked,
+        }),
+    )
+    .await
+    {
+        return Ok(());
+    }
+    tracing::info!(runner = %runner_id, credits, "session opened");
+
+    // Reader task: turns the inbound stream into a cancel-safe channel.
+    let (in_tx, mut in_rx) = mpsc::channel(INBOUND_BUFFER);
+    let reader = tokio::spawn(async move {
+        loop {
+            match inbound.message().await {
+                Ok(Some(msg)) => {
+                    if in_tx.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::debug!(%status, "session stream broke");
+                    return;
+                }
+            }
+        }
+    });
+    let _reader_guard = AbortOnDrop(reader);
+
+    let mut sent_commands: i64 = 0;
+    let mut check_commands = true;
+    let mut check_work = true;
+    // Safety net only (see Config::session_recheck_ms); pushes come from signals.
+    let period = Duration::from_millis(app.config.session_recheck_ms);
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    loop {
+        if check_commands {
+            check_commands = false;
+            commands_rx.borrow_and_update();
+            let acked = runners_acked(app, runner_id).await?;
+            for cmd in runners::pending_commands(app, runner_id, acked.max(sent_commands)).await? {
+                sent_commands = sent_commands.max(i64::try_from(cmd.sequence).unwrap_or(0));
+                if !send(out, Out::Command(cmd)).await {
+                    return Ok(());
+                }
+            }
+        }
+        if check_work && credits > 0 {
+            check_work = false;
+            work_rx.borrow_and_update();
+            let profile = dispatch::profile(app, runner_id).await?;
+            let got = dispatch::claim(app, &profile, credits as usize).await?;
+            for assignment in got {
+                credits -= 1;
+                if !send(out, Out::Assignment(assignment)).await {
+                    // The runner is gone; its new leases expire and the jobs are retried.
+                    return Ok(());
+                }
+            }
+        }
+        tokio::select! {
+            msg = in_rx.recv() => {
+                let Some(msg) = msg else { return Ok(()) };
+                match msg.kind {
+                    Some(In::Credits(c)) => {
+                        credits = credits.saturating_add(c.slots).min(MAX_CREDITS);
+                        check_work = true;
+                    }
+                    Some(In::Heartbeat(h)) => {
+                        let resp = leases::heartbeat(app, runner_id, &h.held).await?;
+                        // Commands travel separately on this stream.
+                        let resp = pb::HeartbeatResponse { commands: Vec::new(), ..resp };
+                        if !send(out, Out::HeartbeatAck(resp)).await {
+                            return Ok(());
+                        }
+                    }
+                    Some(In::Reports(batch)) => {
+                        let outcome = app.ingester.submit(runner_id, batch.reports).await?;
+                        if !outcome.acks.is_empty()
+                            && !send(out, Out::Acks(pb::ReportAcks { acks: outcome.acks })).await
+                        {
+                            return Ok(());
+                        }
+                        for r in outcome.rejected {
+                            if !send(out, Out::Rejected(r.to_proto())).await {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Some(In::CommandAck(a)) => {
+                        runners::ack_commands(app, runner_id, a.sequence).await?;
+                    }
+                    Some(In::Hello(_)) => {
+                        return Err(Error::invalid("hello", "sent twice on one session"));
+                    }
+                    None => return Err(Error::invalid("kind", "is required")),
+                }
+            }
+            _ = commands_rx.changed() => check_commands = true,
+            _ = work_rx.changed(), if credits > 0 => check_work = true,
+            _ = recheck.tick() => {
+                check_commands = true;
+                check_work = true;
+            }
+            _ = crate::events::stopped(&mut shutdown) => return Ok(()),
+        }
+    }
+}
+
+async fn runners_acked(app: &App, runner_id: Uuid) -> Result<i64, Error> {
+    use sea_orm::EntityTrait;
+    Ok(crate::store::entity::runner::Entity::find_by_id(runner_id)
+        .one(app.store.db())
+        .await?
+        .map_or(0, |r| r.acked_command_seq))
+}
+
+/// Aborts the reader task when the session ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,225 @@
+//! sea-orm entities: one table per concept of the design. Times are Unix milliseconds
+//! (`i64`), enums are the protobuf numbers (`i32`), and structured values that are only
+//! ever read whole (a job spec, an event, a command) are stored as protobuf bytes, so the
+//! database schema and the wire protocol cannot drift apart.
+
+/// A job: the indexed facts the scheduler filters on, plus the spec as protobuf bytes.
+pub mod job {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "jobs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        /// `JobStatus` number.
+        pub status: i32,
+        pub queue: String,
+        pub priority: i32,
+        /// `ExecutorKind` number (never UNSPECIFIED once stored).
+        pub executor: i32,
+        pub lock_key: Option<String>,
+        pub idempotency_key: Option<String>,
+        /// `JobSpec`, protobuf-encoded, defaults filled in.
+        pub spec: Vec<u8>,
+        pub attempt_count: i32,
+        pub max_attempts: i32,
+        /// Lease of the current (unfinished) attempt, if any.
+        pub current_lease: Option<Uuid>,
+        /// Runner of the current or last attempt.
+        pub runner_id: Option<Uuid>,
+        pub failure_kind: i32,
+        pub failure_message: String,
+        pub exit_code: Option<i32>,
+        /// Latest `Progress`, protobuf-encoded.
+        pub progress: Option<Vec<u8>>,
+        /// Sequence of the last event appended.
+        pub event_seq: i64,
+        pub not_before: i64,
+        pub created_at: i64,
+        pub updated_at: i64,
+        pub finished_at: Option<i64>,
+        pub retried_from: Option<Uuid>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Required runner labels of a job, one row each, so that ListJobs can filter on them.
+pub mod job_label {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_labels")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub job_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub key: String,
+        pub value: String,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// One claim of a job by one runner, keyed by its lease (the fencing token).
+pub mod attempt {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "attempts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub lease_id: Uuid,
+        pub job_id: Uuid,
+        pub number: i32,
+        pub runner_id: Uuid,
+        /// `JobStatus` the attempt is in (or ended the job with).
+        pub status: i32,
+        pub lease_expires_at: i64,
+        /// The attempt must have ended by then (assigned_at + timeout).
+        pub deadline_at: i64,
+        pub assigned_at: i64,
+        pub started_at: Option<i64>,
+        pub finished_at: Option<i64>,
+        pub container_id: String,
+        pub exit_code: Option<i32>,
+        pub failure_kind: i32,
+        pub failure_message: String,
+        /// Highest report sequence applied.
+        pub acked_seq: i64,
+        /// Bytes of stdout stored so far (the next expected offset).
+        pub stdout_len: i64,
+        /// Bytes of stderr stored so far.
+        pub stderr_len: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// The append-only trail of a job.
+pub mod event {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_events")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub job_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub attempt: i32,
+        pub at: i64,
+        /// `JobEvent`, protobuf-encoded.
+        pub body: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Output bytes, addressed by (job, attempt, stream, offset); `id` keeps report order.
+pub mod log_chunk {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "log_chunks")]
+    pub struct Model {
+        #[sea_orm(primary_key)]
+        pub id: i64,
+        pub job_id: Uuid,
+        pub attempt: i32,
+        /// `LogStream` number.
+        pub stream: i32,
+        pub offset: i64,
+        pub data: Vec<u8>,
+        pub at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A registered runner. The credential is kept only as a SHA-256 hash.
+pub mod runner {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "runners")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub name: String,
+        /// `RegisterRequest`, protobuf-encoded (labels, executors, queues, ...).
+        pub info: Vec<u8>,
+        pub capacity: i32,
+        pub credential_hash: String,
+        /// `RunnerState` number.
+        pub state: i32,
+        pub last_heartbeat: i64,
+        pub registered_at: i64,
+        /// Sequence of the last command issued to it.
+        pub command_seq: i64,
+        /// Highest command sequence it acknowledged.
+        pub acked_command_seq: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A control message for one runner, delivered until acknowledged.
+pub mod command {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "commands")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub runner_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub seq: i64,
+        pub created_at: i64,
+        /// `Command`, protobuf-encoded.
+        pub body: Vec<u8>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A held `lock_key`: the primary key makes two holders impossible on any database.
+pub mod lock {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "locks")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub lock_key: String,
+        pub job_id: Uuid,
+        pub lease_id: Uuid,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

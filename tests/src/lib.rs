@@ -1,0 +1,568 @@
+//! Test harness: real servers on ephemeral loopback ports, on SQLite (a temp file) or on a
+//! fresh PostgreSQL database, with authenticated clients and a protocol-level runner.
+//!
+//! PostgreSQL comes from `GANTRY_TEST_POSTGRES_URL` (an admin URL; each test creates and
+//! drops its own database). When it is unset the PostgreSQL variant of a test says so
+//! loudly; with `GANTRY_TEST_REQUIRE_ALL=1` (set by `scripts/test.sh`) it fails instead.
+use std::{net::SocketAddr, time::Duration};
+
+use gantry_proto as pb;
+use gantry_server::{Config, RunningServer};
+use pb::{
+    admin_service_client::AdminServiceClient, job_service_client::JobServiceClient,
+    runner_service_client::RunnerServiceClient,
+};
+use sea_orm::{ConnectionTrait, Database};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{
+    Request, Status,
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::Channel,
+};
+
+/// Longest any single wait in a test may take before the test fails instead of hanging.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Which database a test runs on.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// A SQLite file in a temp dir.
+    Sqlite,
+    /// A fresh database on the PostgreSQL server at this admin URL.
+    Postgres(String),
+}
+
+impl Db {
+    /// The PostgreSQL admin URL, or `None` after saying loudly why the test does not run.
+    pub fn postgres() -> Option<Db> {
+        match std::env::var("GANTRY_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Db::Postgres(url)),
+            _ => {
+                let msg = "PostgreSQL is not available: GANTRY_TEST_POSTGRES_URL is unset. \
+                           Run scripts/test.sh, which starts PostgreSQL and sets it.";
+                if std::env::var("GANTRY_TEST_REQUIRE_ALL").as_deref() == Ok("1") {
+                    panic!("{msg}");
+                }
+                eprintln!("\n!!!!!!!!!! NOT RUN ON POSTGRESQL !!!!!!!!!!\n{msg}\n");
+                None
+            }
+        }
+    }
+}
+
+/// Declares, for each scenario `async fn name(db: Db)`, a module `name` with a `sqlite` and
+/// a `postgres` test.
+#[macro_export]
+macro_rules! on_both_databases {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::Db::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                if let Some(db) = $crate::Db::postgres() {
+                    super::$name(db).await
+                }
+            }
+        }
+    )*};
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    /// A bearer for `token`.
+    pub fn new(token: &str) -> Bearer {
+        Bearer(Some(
+            format!("Bearer {token}").parse().expect("tokens are ASCII"),
+        ))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An authenticated channel.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// A database prepared for a test, kept across server restarts.
+struct Prepared {
+    url: String,
+    _dir: Option<tempfile::TempDir>,
+    drop_db: Option<(String, String)>,
+}
+
+async fn prepare(db: &Db) -> Prepared {
+    match db {
+        Db::Sqlite => {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("gantry.db").display()
+            );
+            Prepared {
+                url,
+                _dir: Some(dir),
+                drop_db: None,
+            }
+        }
+        Db::Postgres(admin) => {
+            let name = format!("gantry_t_{}", uuid::Uuid::new_v4().simple());
+            let conn = Database::connect(admin.as_str())
+                .await
+                .expect("connect to the PostgreSQL admin URL");
+            conn.execute_unprepared(&format!("CREATE DATABASE {name}"))
+                .await
+                .expect("create test database");
+            let _ = conn.close().await;
+            let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+            Prepared {
+                url: format!("{base}/{name}"),
+                _dir: None,
+                drop_db: Some((admin.clone(), name)),
+            }
+        }
+    }
+}
+
+/// A real gantry-server on a loopback port.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its configuration (restarts reuse it).
+    pub config: Config,
+    /// The API token for clients.
+    pub api_token: String,
+    /// The registration token for runners.
+    pub registration_token: String,
+    server: Option<RunningServer>,
+    db: Prepared,
+}
+
+/// Settings tests use unless they say otherwise: short leases, a fast reaper, fixed tokens.
+pub fn test_config(url: &str) -> Config {
+    let mut config = Config::with_database(url);
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.api_tokens = vec!["test-api-token".into()];
+    config.registration_token = Some("test-registration-token".into());
+    config.lease_seconds = 3;
+    config.reap_interval_ms = 50;
+    config.timeout_grace_seconds = 0;
+    config
+}
+
+impl TestServer {
+    /// Starts a server on `db` with the test defaults.
+    pub async fn start(db: Db) -> TestServer {
+        Self::start_with(db, |_| {}).await
+    }
+
+    /// Starts a server on `db`, letting the test adjust the configuration.
+    pub async fn start_with(db: Db, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        let prepared = prepare(&db).await;
+        let mut config = test_config(&prepared.url);
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind loopback");
+        let server = gantry_server::start(config.clone(), listener)
+            .await
+            .expect("server starts");
+        TestServer {
+            addr: server.addr,
+            api_token: server.api_tokens[0].clone(),
+            registration_token: server.registration_token.clone(),
+            config,
+            server: Some(server),
+            db: prepared,
+        }
+    }
+
+    /// Another server (a replica) on the same database.
+    pub async fn replica(&self) -> RunningServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        gantry_server::start(self.config.clone(), listener)
+            .await
+            .expect("replica starts")
+    }
+
+    /// The database URL.
+    pub fn database_url(&self) -> &str {
+        &self.db.url
+    }
+
+    /// Stops the server and starts it again on the same address and database.
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("rebind the same port");
+        self.server = Some(
+            gantry_server::start(self.config.clone(), listener)
+                .await
+                .expect("server restarts"),
+        );
+    }
+
+    /// Stops the server and removes its database.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+        if let Some((admin, name)) = self.db.drop_db.take() {
+            drop_database(&admin, &name).await;
+        }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A channel to the server.
+    pub async fn channel(&self) -> Channel {
+        channel(&self.url()).await
+    }
+
+    /// JobService with the API token.
+    pub async fn jobs(&self) -> JobServiceClient<Authed> {
+        JobServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
+    }
+
+    /// AdminService with the API token.
+    pub async fn admin(&self) -> AdminServiceClient<Authed> {
+        AdminServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
+    }
+
+    /// Registers a runner with these labels and capacity, offering the process executor.
+    pub async fn runner(&self, name: &str, labels: &[(&str, &str)], capacity: u32) -> TestRunner {
+        let mut reg = RunnerServiceClient::with_interceptor(
+            self.channel().await,
+            Bearer::new(&self.registration_token),
+        );
+        let resp = reg
+            .register(pb::RegisterRequest {
+                name: name.into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                capacity,
+                executors: vec![
+                    pb::ExecutorKind::Process as i32,
+                    pb::ExecutorKind::Docker as i32,
+                ],
+                queues: vec![],
+                version: "test".into(),
+                hostname: "localhost".into(),
+            })
+            .await
+            .expect("register")
+            .into_inner();
+        TestRunner {
+            id: resp.runner_id,
+            credential: resp.credential.clone(),
+            client: RunnerServiceClient::with_interceptor(
+                self.channel().await,
+                Bearer::new(&resp.credential),
+            ),
+            seq: Default::default(),
+        }
+    }
+}
+
+async fn drop_database(admin: &str, name: &str) {
+    if let Ok(conn) = Database::connect(admin).await {
+        let _ = conn
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+        let _ = conn.close().await;
+    }
+}
+
+/// A channel to `url`.
+pub async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("valid url")
+        .connect()
+        .await
+        .expect("connect to server")
+}
+
+/// A process job running `sh -c script`.
+pub fn sh(script: &str) -> pb::JobSpec {
+    pb::JobSpec {
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}
+
+/// Submits `spec`; returns the job id.
+pub async fn submit(jobs: &mut JobServiceClient<Authed>, spec: pb::JobSpec) -> String {
+    jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job")
+        .id
+}
+
+/// Reads a job.
+pub async fn get(jobs: &mut JobServiceClient<Authed>, id: &str) -> pb::Job {
+    jobs.get_job(pb::GetJobRequest { job_id: id.into() })
+        .await
+        .expect("get job")
+        .into_inner()
+}
+
+/// Follows a job's events until a status change to `status`; returns every event seen.
+pub async fn wait_for_status(
+    jobs: &mut JobServiceClient<Authed>,
+    id: &str,
+    status: pb::JobStatus,
+) -> Vec<pb::JobEvent> {
+    let mut stream = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_sequence: 0,
+            follow: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("job {id} never reached {status:?}; events: {seen:#?}"));
+        let ev = match next {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => panic!("watch failed: {e}"),
+            None => panic!("job {id} ended without reaching {status:?}; events: {seen:#?}"),
+        };
+        let hit = matches!(&ev.kind, Some(pb::job_event::Kind::Status(s)) if s.to == status as i32 && s.from != 0);
+        seen.push(ev);
+        if hit {
+            return seen;
+        }
+    }
+}
+
+/// All stored output of a job's latest attempt, per stream.
+pub async fn logs(jobs: &mut JobServiceClient<Authed>, id: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut stream = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("get logs")
+        .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("log chunk");
+        let target = if chunk.stream == pb::LogStream::Stdout as i32 {
+            &mut out
+        } else {
+            &mut err
+        };
+        assert_eq!(chunk.offset as usize, target.len(), "chunks are contiguous");
+        target.extend_from_slice(&chunk.data);
+    }
+    (out, err)
+}
+
+/// A runner driven at protocol level by the test (the real runner crate comes with its own
+/// issue); it talks to the real server over real gRPC.
+pub struct TestRunner {
+    /// Runner id.
+    pub id: String,
+    /// Its credential.
+    pub credential: String,
+    /// RunnerService with the credential.
+    pub client: RunnerServiceClient<Authed>,
+    seq: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>,
+}
+
+impl TestRunner {
+    /// New connection to `server` (after a restart), same identity.
+    pub async fn reconnect(&mut self, server: &TestServer) {
+        self.client = RunnerServiceClient::with_interceptor(
+            server.channel().await,
+            Bearer::new(&self.credential),
+        );
+    }
+
+    /// Next report sequence for a lease.
+    pub fn next_seq(&self, lease: &str) -> u64 {
+        let mut seq = self.seq.lock().expect("seq lock");
+        let s = seq.entry(lease.to_string()).or_insert(0);
+        *s += 1;
+        *s
+    }
+
+    /// Long-poll claim of one job (waits up to 10 s per call, until PATIENCE).
+    pub async fn claim_one(&mut self) -> pb::Assignment {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let resp = self
+                .client
+                .claim(pb::ClaimRequest {
+                    max_jobs: 1,
+                    wait_seconds: 10,
+                })
+                .await
+                .expect("claim")
+                .into_inner();
+            if let Some(a) = resp.assignments.into_iter().next() {
+                return a;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no job was assigned"
+            );
+        }
+    }
+
+    /// Sends one report through ReportEvents with the next sequence.
+    pub async fn report(
+        &mut self,
+        a: &pb::Assignment,
+        body: pb::report::Body,
+    ) -> Result<pb::ReportEventsResponse, Status> {
+        let seq = self.next_seq(&a.lease_id);
+        self.report_seq(&a.job_id, &a.lease_id, seq, body).await
+    }
+
+    /// Sends one report with an explicit sequence.
+    pub async fn report_seq(
+        &mut self,
+        job_id: &str,
+        lease_id: &str,
+        sequence: u64,
+        body: pb::report::Body,
+    ) -> Result<pb::ReportEventsResponse, Status> {
+        let report = pb::Report {
+            job_id: job_id.into(),
+            lease_id: lease_id.into(),
+            sequence,
+            body: Some(body),
+        };
+        self.client
+            .report_events(tokio_stream::iter(vec![report]))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Opens a Session with `free_slots` credits; returns the stream ends.
+    pub async fn session(&mut self, free_slots: u32, held: Vec<pb::LeaseRef>) -> Session {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(pb::SessionRequest {
+            kind: Some(pb::session_request::Kind::Hello(pb::Hello {
+                free_slots,
+                held,
+            })),
+        })
+        .await
+        .expect("queue hello");
+        let inbound = self
+            .client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("open session")
+            .into_inner();
+        let mut s = Session { tx, inbound };
+        match s.next().await {
+            pb::session_response::Kind::Welcome(_) => s,
+            other => panic!("expected welcome, got {other:?}"),
+        }
+    }
+}
+
+/// An open Session stream.
+pub struct Session {
+    /// Runner → server.
+    pub tx: mpsc::Sender<pb::SessionRequest>,
+    /// Server → runner.
+    pub inbound: tonic::Streaming<pb::SessionResponse>,
+}
+
+impl Session {
+    /// The next server message (fails the test after PATIENCE).
+    pub async fn next(&mut self) -> pb::session_response::Kind {
+        match tokio::time::timeout(PATIENCE, self.inbound.message()).await {
+            Ok(Ok(Some(pb::SessionResponse { kind: Some(k) }))) => k,
+            Ok(Ok(other)) => panic!("session ended or empty message: {other:?}"),
+            Ok(Err(e)) => panic!("session failed: {e}"),
+            Err(_) => panic!("no session message within {PATIENCE:?}"),
+        }
+    }
+
+    /// Sends a message.
+    pub async fn send(&self, kind: pb::session_request::Kind) {
+        self.tx
+            .send(pb::SessionRequest { kind: Some(kind) })
+            .await
+            .expect("session open");
+    }
+
+    /// Sends reports and returns the acks (skipping other messages, which are returned too).
+    pub async fn report(&mut self, reports: Vec<pb::Report>) -> pb::ReportAcks {
+        self.send(pb::session_request::Kind::Reports(pb::ReportBatch {
+            reports,
+        }))
+        .await;
+        loop {
+            match self.next().await {
+                pb::session_response::Kind::Acks(a) => return a,
+                pb::session_response::Kind::Rejected(r) => panic!("report rejected: {r:?}"),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// A report body: status change.
+pub fn status(s: pb::JobStatus) -> pb::report::Body {
+    pb::report::Body::Status(pb::StatusReport {
+        status: s as i32,
+        exit_code: matches!(s, pb::JobStatus::Succeeded).then_some(0),
+        ..Default::default()
+    })
+}
+
+/// A report body: stdout bytes at offset.
+pub fn stdout(offset: u64, data: &[u8]) -> pb::report::Body {
+    pb::report::Body::Log(pb::LogData {
+        stream: pb::LogStream::Stdout as i32,
+        offset,
+        data: data.to_vec(),
+    })
+}
+
+/// A report body: stderr bytes at offset.
+pub fn stderr(offset: u64, data: &[u8]) -> pb::report::Body {
+    pb::report::Body::Log(pb::LogData {
+        stream: pb::LogStream::Stderr as i32,
+        offset,
+        data: data.to_vec(),
+    })
+}
