@@ -133,7 +133,13 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    tasks.push(tokio::spawn(probe_health(app.clone(), health_reporter)));
+    // Health is known before the first call is accepted.
+    let initial = set_health(&app, &health_reporter, None).await;
+    tasks.push(tokio::spawn(probe_health(
+        app.clone(),
+        health_reporter,
+        initial,
+    )));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -199,24 +205,13 @@ const SERVICES: &[&str] = &[
 ];
 
 /// Keeps `grpc.health.v1` in step with the database: SERVING only while it answers.
-async fn probe_health(app: App, reporter: tonic_health::server::HealthReporter) {
-    let mut last = None;
+async fn probe_health(
+    app: App,
+    reporter: tonic_health::server::HealthReporter,
+    mut last: ServingStatus,
+) {
     let mut shutdown = app.shutdown.clone();
     loop {
-        let status = if app.store.ping().await {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        if last != Some(status) {
-            if status == ServingStatus::NotServing {
-                tracing::warn!("database unreachable: health is NOT_SERVING");
-            }
-            for name in SERVICES {
-                reporter.set_service_status(*name, status).await;
-            }
-            last = Some(status);
-        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = crate::events::stopped(&mut shutdown) => {
@@ -226,7 +221,32 @@ async fn probe_health(app: App, reporter: tonic_health::server::HealthReporter) 
                 return;
             }
         }
+        last = set_health(&app, &reporter, Some(last)).await;
     }
+}
+
+/// Pings the database and publishes the answer when it differs from `last`.
+async fn set_health(
+    app: &App,
+    reporter: &tonic_health::server::HealthReporter,
+    last: Option<ServingStatus>,
+) -> ServingStatus {
+    let status = if app.store.ping().await {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    if last != Some(status) {
+        if status == ServingStatus::NotServing {
+            tracing::warn!("database unreachable: health is NOT_SERVING");
+        } else if last.is_some() {
+            tracing::info!("database reachable again: health is SERVING");
+        }
+        for name in SERVICES {
+            reporter.set_service_status(*name, status).await;
+        }
+    }
+    status
 }
 
 /// A database URL without its password, for logs and errors.
