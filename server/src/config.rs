@@ -60,6 +60,10 @@ pub struct Config {
     #[arg(long, env = "GANTRY_SESSION_RECHECK_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..))]
     pub session_recheck_ms: u64,
 
+    /// On SIGTERM/SIGINT, seconds to let open calls finish before connections are closed.
+    #[arg(long, env = "GANTRY_SHUTDOWN_GRACE_SECONDS", default_value_t = 10)]
+    pub shutdown_grace_seconds: u64,
+
     /// PEM certificate chain for TLS (with --tls-key).
     #[arg(long, env = "GANTRY_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

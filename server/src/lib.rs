@@ -66,6 +66,7 @@ pub struct RunningServer {
     /// The API tokens in force (one generated when the config had none).
     pub api_tokens: Vec<String>,
     shutdown: watch::Sender<bool>,
+    grace_seconds: u64,
     serve: JoinHandle<Result<(), tonic::transport::Error>>,
     tasks: Vec<JoinHandle<()>>,
     store: store::Store,
@@ -75,7 +76,21 @@ impl RunningServer {
     /// Stops accepting calls, ends streams, waits for in-flight calls, closes the database.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        let served = self.serve.await.context("server task panicked")?;
+        // Streams of our own end on the shutdown signal; a client holding a stream we do not
+        // control (e.g. Health/Watch) gets the grace period, then its connection is dropped.
+        let mut serve = self.serve;
+        let grace = Duration::from_secs(self.grace_seconds);
+        let served = match tokio::time::timeout(grace, &mut serve).await {
+            Ok(joined) => joined.context("server task panicked")?,
+            Err(_) => {
+                tracing::warn!(
+                    ?grace,
+                    "connections still open after the grace period; closing them"
+                );
+                serve.abort();
+                Ok(())
+            }
+        };
         for task in self.tasks {
             task.abort();
             let _ = task.await;
@@ -190,6 +205,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         registration_token,
         api_tokens,
         shutdown: shutdown_tx,
+        grace_seconds: config.shutdown_grace_seconds,
         serve,
         tasks,
         store,

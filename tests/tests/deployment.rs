@@ -196,5 +196,6 @@ async fn health_follows_the_database() {
         .await
         .expect("check");
     assert_eq!(bare.into_inner().status, ServingStatus::NotServing as i32);
+    drop(watch);
     server.stop().await;
 }
