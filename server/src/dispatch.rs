@@ -103,14 +103,14 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
             let job_id = candidate.id;
             let lock_key = candidate.lock_key.clone();
             lc.load_jobs([job_id]).await?;
-            // The attempt's lease id is decided before the lock row names it.
-            let lease_probe = Uuid::now_v7();
+            // The attempt's lease is decided first: the lock row names it.
+            let lease_id = Uuid::now_v7();
             if let Some(key) = &lock_key {
                 let taken = lock::Entity::insert(sea_orm::IntoActiveModel::into_active_model(
                     lock::Model {
                         lock_key: key.clone(),
                         job_id,
-                        lease_id: lease_probe,
+                        lease_id,
                     },
                 ))
                 .on_conflict(
@@ -124,17 +124,7 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
                     continue; // held by another claimed job: this one waits.
                 }
             }
-            let attempt = lc.start_attempt(job_id, runner.id)?;
-            if lock_key.is_some() {
-                lock::Entity::update_many()
-                    .col_expr(
-                        lock::Column::LeaseId,
-                        sea_orm::sea_query::Expr::value(attempt.lease_id),
-                    )
-                    .filter(lock::Column::LeaseId.eq(lease_probe))
-                    .exec(lc.txn())
-                    .await?;
-            }
+            let attempt = lc.start_attempt(job_id, runner.id, lease_id)?;
             assignments.push(pb::Assignment {
                 job_id: job_id.to_string(),
                 lease_id: attempt.lease_id.to_string(),

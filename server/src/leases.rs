@@ -116,6 +116,7 @@ pub async fn run_reaper(app: App) {
             tracing::warn!(error = %e, "reaper pass failed; will try again");
         }
         last_tick = now;
+        app.hub.prune_runners();
     }
 }
 

@@ -270,12 +270,16 @@ impl<'t> Lifecycle<'t> {
     }
 
     /// Claims a loaded QUEUED job for `runner`: a new attempt with a fresh lease.
-    /// The caller has already taken the job's lock key, if any.
-    pub fn start_attempt(&mut self, job_id: Uuid, runner_id: Uuid) -> Result<attempt::Model> {
+    /// `lease_id` is fresh; the caller has already taken the job's lock key under it.
+    pub fn start_attempt(
+        &mut self,
+        job_id: Uuid,
+        runner_id: Uuid,
+        lease_id: Uuid,
+    ) -> Result<attempt::Model> {
         let now = self.now;
         let lease_ms = self.rules.lease_ms;
         let job = self.job_mut(&job_id)?;
-        let lease_id = Uuid::now_v7();
         job.attempt_count += 1;
         job.current_lease = Some(lease_id);
         job.runner_id = Some(runner_id);
@@ -455,17 +459,13 @@ impl<'t> Lifecycle<'t> {
             )));
         }
         let status = status_of(job.status);
+        let policy = decode::<gantry_proto::JobSpec>(&job.spec)?
+            .retry
+            .unwrap_or_default();
         let retry = Retry {
             max_attempts: u32::try_from(job.max_attempts).unwrap_or(1),
-            initial_backoff_ms: 0,
-            max_backoff_ms: 0,
-        };
-        let spec: gantry_proto::JobSpec = decode(&job.spec)?;
-        let policy = spec.retry.unwrap_or_default();
-        let retry = Retry {
             initial_backoff_ms: u64::from(policy.initial_backoff_ms),
             max_backoff_ms: u64::from(policy.max_backoff_ms),
-            ..retry
         };
         let lock_key = job.lock_key.clone();
         let attempts_made = u32::try_from(job.attempt_count).unwrap_or(u32::MAX);

@@ -18,6 +18,7 @@ on_both_databases!(
     unconfirmed_cancel_finishes_by_lease_expiry,
     commands_are_polled_and_acknowledged_without_a_session,
     drain_stops_dispatch_to_a_runner,
+    followers_resume_and_follow_live_across_retries,
 );
 
 async fn unary_path_runs_a_job_to_success(db: Db) {
@@ -865,6 +866,138 @@ async fn drain_stops_dispatch_to_a_runner(db: Db) {
     assert!(
         none.assignments.is_empty(),
         "a draining runner gets no work"
+    );
+    server.stop().await;
+}
+
+async fn followers_resume_and_follow_live_across_retries(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let mut runner = server.runner("r", &[], 1).await;
+    let mut spec = sh("echo twice");
+    spec.retry = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff_ms: 0,
+        max_backoff_ms: 0,
+    });
+    let id = submit(&mut jobs, spec).await;
+
+    // Follow the logs (attempt 0: the latest, then every later one) before anything ran.
+    let mut follower = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.clone(),
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .expect("follow logs")
+        .into_inner();
+    let collected = tokio::spawn(async move {
+        let mut chunks = Vec::new();
+        while let Some(chunk) = tokio_stream::StreamExt::next(&mut follower).await {
+            let chunk = chunk.expect("chunk");
+            chunks.push((chunk.attempt, chunk.offset, chunk.data));
+        }
+        chunks
+    });
+
+    // Attempt 1 writes a line, then its runner goes silent and the lease expires.
+    let a1 = runner.claim_one().await;
+    runner
+        .report(&a1, status(JobStatus::Running))
+        .await
+        .expect("running");
+    runner
+        .report(&a1, stdout(0, b"first\n"))
+        .await
+        .expect("log");
+    wait_for_status(&mut jobs, &id, JobStatus::Queued).await;
+    // Attempt 2 writes in two reports, then succeeds.
+    let a2 = runner.claim_one().await;
+    assert_eq!(a2.attempt, 2);
+    runner
+        .report(&a2, status(JobStatus::Running))
+        .await
+        .expect("running");
+    runner
+        .report(&a2, stdout(0, b"second "))
+        .await
+        .expect("log");
+    runner.report(&a2, stdout(7, b"try\n")).await.expect("log");
+    runner
+        .report(&a2, status(JobStatus::Succeeded))
+        .await
+        .expect("final");
+
+    // The follower saw both attempts, live, and its stream ended with the job.
+    let chunks = tokio::time::timeout(PATIENCE, collected)
+        .await
+        .expect("follower ends")
+        .expect("task");
+    let per_attempt = |n: u32| {
+        chunks
+            .iter()
+            .filter(|c| c.0 == n)
+            .flat_map(|c| c.2.clone())
+            .collect::<Vec<u8>>()
+    };
+    assert_eq!(per_attempt(1), b"first\n");
+    assert_eq!(per_attempt(2), b"second try\n");
+    assert!(
+        chunks.windows(2).all(|w| w[0].0 <= w[1].0),
+        "attempts in order: {chunks:?}"
+    );
+
+    // Replay from an offset: attempt 2's stdout from byte 7.
+    let mut from_offset = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.clone(),
+            attempt: 2,
+            stream: pb::LogStream::Stdout as i32,
+            stdout_offset: 7,
+            ..Default::default()
+        })
+        .await
+        .expect("logs from offset")
+        .into_inner();
+    let mut tail = Vec::new();
+    while let Some(chunk) = tokio_stream::StreamExt::next(&mut from_offset).await {
+        let chunk = chunk.expect("chunk");
+        if tail.is_empty() {
+            assert_eq!(chunk.offset, 7);
+        }
+        tail.extend(chunk.data);
+    }
+    assert_eq!(tail, b"try\n");
+    let err = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.clone(),
+            attempt: 3,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no third attempt");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Resume the event trail after a sequence: exactly the events after it.
+    let last = get(&mut jobs, &id).await.last_event_sequence;
+    let mut resumed = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.clone(),
+            after_sequence: last - 2,
+            follow: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut seqs = Vec::new();
+    while let Some(ev) = tokio_stream::StreamExt::next(&mut resumed).await {
+        seqs.push(ev.expect("event").sequence);
+    }
+    assert_eq!(
+        seqs,
+        vec![last - 1, last],
+        "a terminal job's follow ends after its last event"
     );
     server.stop().await;
 }

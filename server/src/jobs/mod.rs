@@ -320,151 +320,177 @@ async fn wait_for_change(
     }
 }
 
-/// Streams a job's events into `tx` (see `WatchJob`).
+/// Streams a job's events into `tx` (see `WatchJob`). An error ends the stream with its status.
 pub async fn watch(
     app: App,
     req: pb::WatchJobRequest,
     id: Uuid,
     tx: mpsc::Sender<std::result::Result<pb::JobEvent, Status>>,
 ) {
+    if let Err(e) = send_events(&app, &req, id, &tx).await {
+        let _ = tx.send(Err(e.into())).await;
+    }
+}
+
+/// Events per database read.
+const EVENT_PAGE: u64 = 500;
+
+async fn send_events(
+    app: &App,
+    req: &pb::WatchJobRequest,
+    id: Uuid,
+    tx: &mpsc::Sender<std::result::Result<pb::JobEvent, Status>>,
+) -> Result<()> {
+    // Subscribed before the first read, so no change between read and wait is missed.
     let mut rx = app.hub.subscribe_jobs();
     let mut after = i64::try_from(req.after_sequence).unwrap_or(i64::MAX);
     loop {
-        let result: Result<bool> = async {
-            let rows = event::Entity::find()
-                .filter(event::Column::JobId.eq(id))
-                .filter(event::Column::Seq.gt(after))
-                .order_by_asc(event::Column::Seq)
-                .limit(500)
-                .all(app.store.db())
-                .await?;
-            let full_page = rows.len() == 500;
-            for row in rows {
-                after = row.seq;
-                let ev: pb::JobEvent = decode(&row.body)?;
-                if tx.send(Ok(ev)).await.is_err() {
-                    return Ok(false);
-                }
+        let rows = event::Entity::find()
+            .filter(event::Column::JobId.eq(id))
+            .filter(event::Column::Seq.gt(after))
+            .order_by_asc(event::Column::Seq)
+            .limit(EVENT_PAGE)
+            .all(app.store.db())
+            .await?;
+        let full_page = rows.len() as u64 == EVENT_PAGE;
+        for row in rows {
+            after = row.seq;
+            if tx.send(Ok(decode(&row.body)?)).await.is_err() {
+                return Ok(()); // the client left
             }
-            if full_page {
-                return Ok(true);
-            }
-            if !req.follow {
-                return Ok(false);
-            }
-            let job = job::Entity::find_by_id(id)
-                .one(app.store.db())
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-            if state::is_terminal(status_of(job.status)) && after >= job.event_seq {
-                return Ok(false);
-            }
-            Ok(wait_for_change(&app, &mut rx, id, &tx).await)
         }
-        .await;
-        match result {
-            Ok(true) => continue,
-            Ok(false) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
+        if full_page {
+            continue;
+        }
+        if !req.follow {
+            return Ok(());
+        }
+        let job = job::Entity::find_by_id(id)
+            .one(app.store.db())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        if state::is_terminal(status_of(job.status)) && after >= job.event_seq {
+            return Ok(());
+        }
+        if !wait_for_change(app, &mut rx, id, tx).await {
+            return Ok(());
         }
     }
 }
 
-/// Streams a job's output into `tx` (see `GetLogs`).
+/// Streams a job's output into `tx` (see `GetLogs`). An error ends the stream with its status.
 pub async fn logs(
     app: App,
     req: pb::GetLogsRequest,
     id: Uuid,
     tx: mpsc::Sender<std::result::Result<pb::LogChunk, Status>>,
 ) {
+    if let Err(e) = send_logs(&app, &req, id, &tx).await {
+        let _ = tx.send(Err(e.into())).await;
+    }
+}
+
+/// Log chunks per database read.
+const LOG_PAGE: u64 = 256;
+
+async fn send_logs(
+    app: &App,
+    req: &pb::GetLogsRequest,
+    id: Uuid,
+    tx: &mpsc::Sender<std::result::Result<pb::LogChunk, Status>>,
+) -> Result<()> {
     let mut rx = app.hub.subscribe_jobs();
-    let mut last_id: i64 = 0;
+    // Attempt 0 asks for the latest attempt and, when following, for every later one too:
+    // the stream then ends only when the job is terminal.
+    let follow_retries = req.attempt == 0;
     let mut number = i32::try_from(req.attempt).unwrap_or(i32::MAX);
+    let mut last_id: i64 = 0;
+    // Offsets apply to the first attempt streamed; a later attempt starts at 0.
+    let (mut stdout_from, mut stderr_from) = (req.stdout_offset, req.stderr_offset);
     loop {
-        let result: Result<bool> = async {
-            let job = job::Entity::find_by_id(id)
-                .one(app.store.db())
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-            if number == 0 {
-                number = job.attempt_count;
-                if number == 0 {
-                    // No attempt yet.
-                    if !req.follow || state::is_terminal(status_of(job.status)) {
-                        return Ok(false);
-                    }
-                    return Ok(wait_for_change(&app, &mut rx, id, &tx).await);
-                }
-            } else if number > job.attempt_count {
-                return Err(Error::invalid(
-                    "attempt",
-                    format!("job {id} has {} attempt(s)", job.attempt_count),
-                ));
+        let job = job::Entity::find_by_id(id)
+            .one(app.store.db())
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
+        let terminal = state::is_terminal(status_of(job.status));
+        if number == 0 || (follow_retries && req.follow && job.attempt_count > number) {
+            if number != 0 {
+                (stdout_from, stderr_from, last_id) = (0, 0, 0);
             }
-            let ended = attempt::Entity::find()
-                .filter(attempt::Column::JobId.eq(id))
-                .filter(attempt::Column::Number.eq(number))
-                .one(app.store.db())
-                .await?
-                .is_none_or(|a| a.finished_at.is_some());
-            let mut q = log_chunk::Entity::find()
-                .filter(log_chunk::Column::JobId.eq(id))
-                .filter(log_chunk::Column::Attempt.eq(number))
-                .filter(log_chunk::Column::Id.gt(last_id));
-            if req.stream != 0 {
-                q = q.filter(log_chunk::Column::Stream.eq(req.stream));
-            }
-            let rows = q
-                .order_by_asc(log_chunk::Column::Id)
-                .limit(256)
-                .all(app.store.db())
-                .await?;
-            let full_page = rows.len() == 256;
-            for row in rows {
-                last_id = row.id;
-                let from = if row.stream == pb::LogStream::Stdout as i32 {
-                    req.stdout_offset
-                } else {
-                    req.stderr_offset
-                };
-                let offset = u64::try_from(row.offset).unwrap_or_default();
-                let end = offset + row.data.len() as u64;
-                if end <= from {
-                    continue;
-                }
-                let skip = usize::try_from(from.saturating_sub(offset)).unwrap_or(0);
-                let chunk = pb::LogChunk {
-                    job_id: id.to_string(),
-                    attempt: u32::try_from(row.attempt).unwrap_or_default(),
-                    stream: row.stream,
-                    offset: offset + skip as u64,
-                    data: row.data[skip..].to_vec(),
-                    at_unix_ms: row.at,
-                };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return Ok(false);
-                }
-            }
-            if full_page {
-                return Ok(true);
-            }
-            // The attempt had ended before this read: everything it wrote has been sent.
-            if !req.follow || ended {
-                return Ok(false);
-            }
-            Ok(wait_for_change(&app, &mut rx, id, &tx).await)
+            number = job.attempt_count;
         }
-        .await;
-        match result {
-            Ok(true) => continue,
-            Ok(false) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
+        if number == 0 {
+            // No attempt yet.
+            if !req.follow || terminal || !wait_for_change(app, &mut rx, id, tx).await {
+                return Ok(());
             }
+            continue;
+        }
+        if number > job.attempt_count {
+            return Err(Error::invalid(
+                "attempt",
+                format!("job {id} has {} attempt(s)", job.attempt_count),
+            ));
+        }
+        // Read whether the attempt ended *before* reading its chunks: if it had, this read
+        // sees everything it wrote.
+        let ended = attempt::Entity::find()
+            .filter(attempt::Column::JobId.eq(id))
+            .filter(attempt::Column::Number.eq(number))
+            .one(app.store.db())
+            .await?
+            .is_none_or(|a| a.finished_at.is_some());
+        let mut q = log_chunk::Entity::find()
+            .filter(log_chunk::Column::JobId.eq(id))
+            .filter(log_chunk::Column::Attempt.eq(number))
+            .filter(log_chunk::Column::Id.gt(last_id));
+        if req.stream != 0 {
+            q = q.filter(log_chunk::Column::Stream.eq(req.stream));
+        }
+        let rows = q
+            .order_by_asc(log_chunk::Column::Id)
+            .limit(LOG_PAGE)
+            .all(app.store.db())
+            .await?;
+        let full_page = rows.len() as u64 == LOG_PAGE;
+        for row in rows {
+            last_id = row.id;
+            let from = if row.stream == pb::LogStream::Stdout as i32 {
+                stdout_from
+            } else {
+                stderr_from
+            };
+            let offset = u64::try_from(row.offset).unwrap_or_default();
+            let end = offset + row.data.len() as u64;
+            if end <= from {
+                continue;
+            }
+            let skip = usize::try_from(from.saturating_sub(offset)).unwrap_or(0);
+            let chunk = pb::LogChunk {
+                job_id: id.to_string(),
+                attempt: u32::try_from(row.attempt).unwrap_or_default(),
+                stream: row.stream,
+                offset: offset + skip as u64,
+                data: row.data[skip..].to_vec(),
+                at_unix_ms: row.at,
+            };
+            if tx.send(Ok(chunk)).await.is_err() {
+                return Ok(());
+            }
+        }
+        if full_page {
+            continue;
+        }
+        if !req.follow {
+            return Ok(());
+        }
+        // The attempt is over and all it wrote was sent: done, unless following the job
+        // into a retry that has not ended it yet.
+        if ended && (!follow_retries || terminal) {
+            return Ok(());
+        }
+        if !wait_for_change(app, &mut rx, id, tx).await {
+            return Ok(());
         }
     }
 }

@@ -97,8 +97,7 @@ impl pb::job_service_server::JobService for JobApi {
             .into());
         }
         let job = jobs::get(&self.0, id).await?;
-        if req.attempt > job.attempt_count && !(req.follow && req.attempt == job.attempt_count + 1)
-        {
+        if req.attempt > job.attempt_count {
             return Err(crate::error::Error::invalid(
                 "attempt",
                 format!("job {id} has {} attempt(s)", job.attempt_count),

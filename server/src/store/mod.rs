@@ -7,8 +7,7 @@
 use std::{sync::Arc, time::Duration};
 
 use sea_orm::{
-    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
-    TransactionTrait,
+    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -117,9 +116,4 @@ impl Store {
             tracing::warn!(error = %e, "closing the database pool");
         }
     }
-}
-
-/// Runs `stmt` and tells whether the backend is PostgreSQL; shared helper for raw SQL.
-pub fn backend(conn: &impl ConnectionTrait) -> DbBackend {
-    conn.get_database_backend()
 }
