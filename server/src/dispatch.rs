@@ -10,7 +10,7 @@ use std::{collections::HashMap, time::Duration};
 
 use gantry_proto as pb;
 use sea_orm::{
-    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{LockBehavior, LockType, OnConflict},
 };
 use uuid::Uuid;
@@ -19,7 +19,7 @@ use crate::{
     App,
     error::{Error, Result},
     lifecycle::{Lifecycle, decode},
-    store::entity::{job, lock, runner},
+    store::entity::{attempt, job, lock, runner},
 };
 
 /// What dispatch needs to know about a runner.
@@ -35,6 +35,8 @@ pub struct RunnerProfile {
     pub queues: Vec<String>,
     /// `RunnerState` number.
     pub state: i32,
+    /// Concurrent jobs it takes.
+    pub capacity: u32,
 }
 
 /// Loads a runner's profile.
@@ -54,6 +56,7 @@ pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
             info.queues
         },
         state: row.state,
+        capacity: u32::try_from(row.capacity).unwrap_or(1),
     })
 }
 
@@ -65,6 +68,21 @@ fn window(max: usize) -> u64 {
 /// Claims up to `max` jobs for `runner` now. Returns the assignments (possibly none).
 pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<pb::Assignment>> {
     if max == 0 || runner.state == pb::RunnerState::Draining as i32 {
+        return Ok(Vec::new());
+    }
+    // A read first: no write transaction (on SQLite, the one writer) when nothing waits.
+    let waiting = job::Entity::find()
+        .select_only()
+        .column(job::Column::Id)
+        .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
+        .filter(job::Column::Queue.is_in(runner.queues.clone()))
+        .filter(job::Column::Executor.is_in(runner.executors.clone()))
+        .filter(job::Column::NotBefore.lte(crate::lifecycle::now_ms()))
+        .limit(1)
+        .into_tuple::<Uuid>()
+        .one(app.store.db())
+        .await?;
+    if waiting.is_none() {
         return Ok(Vec::new());
     }
     let wtx = app.store.write().await?;
@@ -151,6 +169,23 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
     Ok(assignments)
 }
 
+/// Takes back claims whose assignments could not be sent (see `Lifecycle::undo_claim`).
+pub async fn return_undelivered(app: &App, leases: Vec<Uuid>) -> Result<()> {
+    if leases.is_empty() {
+        return Ok(());
+    }
+    let wtx = app.store.write().await?;
+    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
+    lc.load_attempts(leases.iter().copied()).await?;
+    for lease in leases {
+        lc.undo_claim(lease).await?;
+    }
+    let signals = lc.flush().await?;
+    wtx.commit().await?;
+    app.hub.publish(signals);
+    Ok(())
+}
+
 /// Long-poll claim: waits up to `wait` for work, woken by the hub.
 pub async fn claim_wait(
     app: &App,
@@ -164,14 +199,20 @@ pub async fn claim_wait(
     loop {
         work.borrow_and_update();
         let profile = profile(app, runner_id).await?;
-        let got = claim(app, &profile, max).await?;
+        // Never more than the registered capacity, counting what it already holds.
+        let active = attempt::Entity::find()
+            .filter(attempt::Column::RunnerId.eq(runner_id))
+            .filter(attempt::Column::FinishedAt.is_null())
+            .count(app.store.db())
+            .await?;
+        let room = u64::from(profile.capacity).saturating_sub(active);
+        let got = claim(app, &profile, max.min(usize::try_from(room).unwrap_or(0))).await?;
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(got);
         }
         tokio::select! {
             _ = work.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = crate::events::stopped(&mut shutdown) => return Ok(Vec::new()),
         }
     }

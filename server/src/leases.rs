@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::{
     App,
-    error::Result,
+    error::{Error, Result},
     events::Signals,
     jobs::state::AttemptEnd,
     lifecycle::{Lifecycle, now_ms},
@@ -24,12 +24,41 @@ use crate::{
 /// Attempts the reaper ends per transaction.
 const REAP_BATCH: u64 = 256;
 
+/// Most lease references one heartbeat or hello may carry.
+const MAX_HELD: usize = 4096;
+
+/// Checks a runner's list of held leases: bounded, and every id a UUID.
+pub fn parse_held(field: &str, held: &[pb::LeaseRef]) -> Result<Vec<(Uuid, Uuid)>> {
+    if held.len() > MAX_HELD {
+        return Err(Error::invalid(field, format!("at most {MAX_HELD} entries")));
+    }
+    held.iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let job = Uuid::try_parse(&h.job_id).map_err(|_| {
+                Error::invalid(
+                    format!("{field}[{i}].job_id"),
+                    format!("{:?} is not a UUID", h.job_id),
+                )
+            })?;
+            let lease = Uuid::try_parse(&h.lease_id).map_err(|_| {
+                Error::invalid(
+                    format!("{field}[{i}].lease_id"),
+                    format!("{:?} is not a UUID", h.lease_id),
+                )
+            })?;
+            Ok((job, lease))
+        })
+        .collect()
+}
+
 /// Extends every lease `runner_id` holds; marks it alive; tells which of `held` are revoked.
 pub async fn heartbeat(
     app: &App,
     runner_id: Uuid,
     held: &[pb::LeaseRef],
 ) -> Result<pb::HeartbeatResponse> {
+    let parsed = parse_held("held", held)?;
     let now = now_ms();
     let until = now + app.rules().lease_ms;
     let wtx = app.store.write().await?;
@@ -39,47 +68,47 @@ pub async fn heartbeat(
         .filter(attempt::Column::FinishedAt.is_null())
         .exec(&wtx.txn)
         .await?;
-    let row = runner::Entity::find_by_id(runner_id)
-        .one(&wtx.txn)
-        .await?
-        .ok_or_else(|| crate::error::Error::NotFound(format!("runner {runner_id}")))?;
-    let state = if row.state == pb::RunnerState::Offline as i32 {
-        pb::RunnerState::Online as i32
-    } else {
-        row.state
-    };
-    runner::Entity::update_many()
+    let found = runner::Entity::update_many()
         .col_expr(runner::Column::LastHeartbeat, Expr::value(now))
-        .col_expr(runner::Column::State, Expr::value(state))
         .filter(runner::Column::Id.eq(runner_id))
+        .exec(&wtx.txn)
+        .await?
+        .rows_affected;
+    if found == 0 {
+        return Err(Error::NotFound(format!("runner {runner_id}")));
+    }
+    // Only OFFLINE becomes ONLINE: a conditional update never overwrites a concurrent drain.
+    runner::Entity::update_many()
+        .col_expr(
+            runner::Column::State,
+            Expr::value(pb::RunnerState::Online as i32),
+        )
+        .filter(runner::Column::Id.eq(runner_id))
+        .filter(runner::Column::State.eq(pb::RunnerState::Offline as i32))
         .exec(&wtx.txn)
         .await?;
     wtx.commit().await?;
-    let revoked = revoked(app, runner_id, held).await?;
+    let row = runner::Entity::find_by_id(runner_id)
+        .one(app.store.db())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("runner {runner_id}")))?;
+    let revoked = revoked(app, runner_id, &parsed).await?;
     let commands = crate::runners::pending_commands(app, runner_id, row.acked_command_seq).await?;
     Ok(pb::HeartbeatResponse {
         lease_expires_at_unix_ms: until,
         commands,
         revoked,
-        state,
+        state: row.state,
     })
 }
 
 /// Which of `held` the server no longer honours for `runner_id`.
-pub async fn revoked(
-    app: &App,
-    runner_id: Uuid,
-    held: &[pb::LeaseRef],
-) -> Result<Vec<pb::LeaseRef>> {
+async fn revoked(app: &App, runner_id: Uuid, held: &[(Uuid, Uuid)]) -> Result<Vec<pb::LeaseRef>> {
     if held.is_empty() {
         return Ok(Vec::new());
     }
-    let leases: Vec<Uuid> = held
-        .iter()
-        .filter_map(|h| Uuid::try_parse(&h.lease_id).ok())
-        .collect();
     let live: std::collections::HashSet<(Uuid, Uuid)> = attempt::Entity::find()
-        .filter(attempt::Column::LeaseId.is_in(leases))
+        .filter(attempt::Column::LeaseId.is_in(held.iter().map(|(_, lease)| *lease)))
         .filter(attempt::Column::RunnerId.eq(runner_id))
         .filter(attempt::Column::FinishedAt.is_null())
         .all(app.store.db())
@@ -89,15 +118,45 @@ pub async fn revoked(
         .collect();
     Ok(held
         .iter()
-        .filter(|h| {
-            let key = (
-                Uuid::try_parse(&h.job_id).unwrap_or_default(),
-                Uuid::try_parse(&h.lease_id).unwrap_or_default(),
-            );
-            !live.contains(&key)
+        .filter(|key| !live.contains(key))
+        .map(|(job, lease)| pb::LeaseRef {
+            job_id: job.to_string(),
+            lease_id: lease.to_string(),
         })
-        .cloned()
         .collect())
+}
+
+/// A session's `hello.held` is the runner's own account of its work: attempts it was given
+/// before this session and does not hold (it restarted and lost them) are ended now as lost,
+/// so they are retried at once instead of being kept alive by its heartbeats.
+pub async fn release_unheld(
+    app: &App,
+    runner_id: Uuid,
+    held: &[pb::LeaseRef],
+    since: i64,
+) -> Result<()> {
+    let held: std::collections::HashSet<Uuid> = parse_held("hello.held", held)?
+        .into_iter()
+        .map(|(_, lease)| lease)
+        .collect();
+    let orphans: Vec<Uuid> = attempt::Entity::find()
+        .select_only()
+        .column(attempt::Column::LeaseId)
+        .filter(attempt::Column::RunnerId.eq(runner_id))
+        .filter(attempt::Column::FinishedAt.is_null())
+        .filter(attempt::Column::AssignedAt.lt(since))
+        .into_tuple::<Uuid>()
+        .all(app.store.db())
+        .await?
+        .into_iter()
+        .filter(|lease| !held.contains(lease))
+        .collect();
+    end_attempts(app, orphans, |a, _| {
+        Some(AttemptEnd::Lost {
+            message: format!("runner {} reconnected without this attempt", a.runner_id),
+        })
+    })
+    .await
 }
 
 /// Runs the reaper until shutdown.
@@ -112,17 +171,37 @@ pub async fn run_reaper(app: App) {
             _ = crate::events::stopped(&mut shutdown) => return,
         }
         let now = now_ms();
-        if let Err(e) = reap_once(&app, last_tick, now).await {
-            tracing::warn!(error = %e, "reaper pass failed; will try again");
-        }
+        reap_once(&app, last_tick, now).await;
         last_tick = now;
         app.hub.prune_runners();
     }
 }
 
-/// One reaper pass. `since` is the previous pass's time (for backoff wake-ups).
-pub async fn reap_once(app: &App, since: i64, now: i64) -> Result<()> {
-    // Expired leases.
+/// One reaper pass. `since` is the previous pass's time (for backoff wake-ups). Each step
+/// runs even when another failed; failures are logged and retried on the next pass.
+pub async fn reap_once(app: &App, since: i64, now: i64) {
+    let steps = [
+        ("expired leases", expire_leases(app, now).await),
+        ("overdue attempts", time_out_overdue(app, now).await),
+        (
+            "unconfirmed cancels",
+            finish_unconfirmed_cancels(app, now).await,
+        ),
+        ("silent runners", mark_silent_runners(app, now).await),
+        (
+            "backoff wake-ups",
+            wake_after_backoff(app, since, now).await,
+        ),
+        ("retention", retain(app, now).await),
+    ];
+    for (step, result) in steps {
+        if let Err(e) = result {
+            tracing::warn!(step, error = %e, "reaper step failed; will try again");
+        }
+    }
+}
+
+async fn expire_leases(app: &App, now: i64) -> Result<()> {
     loop {
         let expired: Vec<Uuid> = attempt::Entity::find()
             .select_only()
@@ -141,10 +220,13 @@ pub async fn reap_once(app: &App, since: i64, now: i64) -> Result<()> {
         })
         .await?;
         if n < REAP_BATCH {
-            break;
+            return Ok(());
         }
     }
-    // Attempts past their deadline plus the grace, that the runner did not end.
+}
+
+/// Attempts past their deadline plus the grace, that the runner did not end.
+async fn time_out_overdue(app: &App, now: i64) -> Result<()> {
     let grace = i64::from(app.config.timeout_grace_seconds) * 1000;
     let overdue: Vec<Uuid> = attempt::Entity::find()
         .select_only()
@@ -161,21 +243,55 @@ pub async fn reap_once(app: &App, since: i64, now: i64) -> Result<()> {
                 .into(),
         })
     })
-    .await?;
+    .await
+}
 
-    // Silent runners go offline.
+/// A cancel the holder never confirms ends the attempt CANCELED once the job's grace period
+/// and one lease period have passed, even while the runner keeps heartbeating.
+async fn finish_unconfirmed_cancels(app: &App, now: i64) -> Result<()> {
+    let lease_ms = app.rules().lease_ms;
+    let canceling = job::Entity::find()
+        .filter(job::Column::Status.eq(pb::JobStatus::Canceling as i32))
+        .filter(job::Column::UpdatedAt.lt(now - lease_ms))
+        .limit(REAP_BATCH)
+        .all(app.store.db())
+        .await?;
+    let mut overdue = Vec::new();
+    for job in canceling {
+        let spec: pb::JobSpec = crate::lifecycle::decode(&job.spec)?;
+        let grace_ms = i64::from(spec.cancel_grace_seconds) * 1000;
+        if job.updated_at + grace_ms + lease_ms < now
+            && let Some(lease) = job.current_lease
+        {
+            overdue.push(lease);
+        }
+    }
+    end_attempts(app, overdue, |a, _| {
+        Some(AttemptEnd::Canceled {
+            message: format!("runner {} did not confirm the cancel in time", a.runner_id),
+        })
+    })
+    .await
+}
+
+/// Online runners silent for a lease period go offline (a draining one stays draining, so
+/// that coming back never makes it take work again).
+async fn mark_silent_runners(app: &App, now: i64) -> Result<()> {
     let lease_ms = app.rules().lease_ms;
     runner::Entity::update_many()
         .col_expr(
             runner::Column::State,
             Expr::value(pb::RunnerState::Offline as i32),
         )
-        .filter(runner::Column::State.ne(pb::RunnerState::Offline as i32))
+        .filter(runner::Column::State.eq(pb::RunnerState::Online as i32))
         .filter(runner::Column::LastHeartbeat.lt(now - lease_ms))
         .exec(app.store.db())
         .await?;
+    Ok(())
+}
 
-    // Backoffs that ended since the last pass make work dispatchable.
+/// Backoffs that ended since the last pass make work dispatchable.
+async fn wake_after_backoff(app: &App, since: i64, now: i64) -> Result<()> {
     let woke = job::Entity::find()
         .select_only()
         .column(job::Column::Id)
@@ -192,7 +308,11 @@ pub async fn reap_once(app: &App, since: i64, now: i64) -> Result<()> {
             ..Default::default()
         });
     }
+    Ok(())
+}
 
+/// Deletes terminal jobs older than the retention.
+async fn retain(app: &App, now: i64) -> Result<()> {
     if app.config.retention_seconds > 0 {
         let horizon = now.saturating_sub(
             i64::try_from(app.config.retention_seconds.saturating_mul(1000)).unwrap_or(i64::MAX),

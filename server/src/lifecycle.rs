@@ -15,7 +15,7 @@ use gantry_proto::{
 use prost::Message;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    IntoActiveModel, QueryFilter, QuerySelect,
+    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
 };
 use uuid::Uuid;
 
@@ -68,7 +68,8 @@ pub fn decode<M: Message + Default>(bytes: &[u8]) -> Result<M> {
     Ok(M::decode(bytes)?)
 }
 
-fn status_of(raw: i32) -> JobStatus {
+/// A stored status number as the enum (UNSPECIFIED for a number this build does not know).
+pub fn status_of(raw: i32) -> JobStatus {
     JobStatus::try_from(raw).unwrap_or(JobStatus::Unspecified)
 }
 
@@ -108,7 +109,8 @@ impl<'t> Lifecycle<'t> {
         for chunk in missing.chunks(INSERT_CHUNK) {
             let mut q = job::Entity::find().filter(job::Column::Id.is_in(chunk.iter().copied()));
             if self.postgres {
-                q = q.lock_exclusive();
+                // A fixed lock order (by id) keeps concurrent writers from deadlocking.
+                q = q.order_by_asc(job::Column::Id).lock_exclusive();
             }
             for model in q.all(self.txn).await? {
                 self.jobs.insert(model.id, model);
@@ -127,17 +129,20 @@ impl<'t> Lifecycle<'t> {
             .collect();
         let mut job_ids = Vec::new();
         for chunk in missing.chunks(INSERT_CHUNK) {
-            let found = attempt::Entity::find()
-                .filter(attempt::Column::LeaseId.is_in(chunk.iter().copied()))
-                .all(self.txn)
-                .await?;
+            let mut q = attempt::Entity::find()
+                .filter(attempt::Column::LeaseId.is_in(chunk.iter().copied()));
+            if self.postgres {
+                // Locked, so that what this transaction decides from the row (sequence,
+                // lease expiry, finished) is still true when it commits; fixed order.
+                q = q.order_by_asc(attempt::Column::LeaseId).lock_exclusive();
+            }
+            let found = q.all(self.txn).await?;
             for model in found {
                 job_ids.push(model.job_id);
                 self.attempts.insert(model.lease_id, model);
             }
         }
-        // Lock order: jobs are locked after their attempts are read but before any write,
-        // and every writer locks jobs before attempts' rows are updated.
+        // Lock order everywhere: attempts (by lease), then jobs (by id), then runners.
         self.load_jobs(job_ids).await
     }
 
@@ -439,25 +444,29 @@ impl<'t> Lifecycle<'t> {
     /// terminal, or QUEUED again with a backoff. Releases the job's lock key.
     pub async fn end_attempt(&mut self, lease: Uuid, end: AttemptEnd) -> Result<()> {
         let now = self.now;
-        let attempt = self.attempt_mut(&lease)?;
+        // Fence first, change nothing until it passed.
+        let attempt = self
+            .attempts
+            .get(&lease)
+            .ok_or_else(|| Error::Internal(format!("attempt {lease} used before it was loaded")))?;
+        let (job_id, number) = (attempt.job_id, attempt.number);
         if attempt.finished_at.is_some() {
             return Err(Error::FailedPrecondition(format!(
-                "attempt {} of job {} has already ended",
-                attempt.number, attempt.job_id
+                "attempt {number} of job {job_id} has already ended"
             )));
         }
-        let (job_id, number) = (attempt.job_id, attempt.number);
+        if self.job(&job_id).and_then(|j| j.current_lease) != Some(lease) {
+            return Err(Error::FailedPrecondition(format!(
+                "lease {lease} is not the current lease of job {job_id}"
+            )));
+        }
+        let attempt = self.attempt_mut(&lease)?;
         attempt.finished_at = Some(now);
         attempt.exit_code = end.exit_code();
         attempt.failure_kind = end.failure_kind() as i32;
         attempt.failure_message = end.message();
 
         let job = self.job_mut(&job_id)?;
-        if job.current_lease != Some(lease) {
-            return Err(Error::FailedPrecondition(format!(
-                "lease {lease} is not the current lease of job {job_id}"
-            )));
-        }
         let status = status_of(job.status);
         let policy = decode::<gantry_proto::JobSpec>(&job.spec)?
             .retry
@@ -499,6 +508,12 @@ impl<'t> Lifecycle<'t> {
                 job.current_lease = None;
             }
         }
+        self.release_lock(lock_key, lease).await
+    }
+
+    /// Releases the lock key held under `lease`, if any; something may be dispatchable now
+    /// (a slot, a lock, a requeued job).
+    async fn release_lock(&mut self, lock_key: Option<String>, lease: Uuid) -> Result<()> {
         if let Some(key) = lock_key {
             lock::Entity::delete_many()
                 .filter(lock::Column::LockKey.eq(key))
@@ -506,9 +521,45 @@ impl<'t> Lifecycle<'t> {
                 .exec(self.txn)
                 .await?;
         }
-        // A slot, a lock or a requeued job: something may be dispatchable now.
         self.signals.work = true;
         Ok(())
+    }
+
+    /// Takes back a claim whose assignment never reached the runner: the job is QUEUED
+    /// again as if it had not been claimed (the attempt is removed and does not count), and
+    /// its lock is released. A claim the runner already reported on is left to its lease.
+    pub async fn undo_claim(&mut self, lease: Uuid) -> Result<()> {
+        let Some(attempt) = self.attempts.get(&lease) else {
+            return Ok(());
+        };
+        let (job_id, number, runner) = (attempt.job_id, attempt.number, attempt.runner_id);
+        let untouched = attempt.finished_at.is_none() && attempt.acked_seq == 0;
+        let job = self.require_job(job_id).await?;
+        if !untouched
+            || job.current_lease != Some(lease)
+            || status_of(job.status) != JobStatus::Assigned
+        {
+            return Ok(());
+        }
+        let lock_key = job.lock_key.clone();
+        self.transition(
+            job_id,
+            number,
+            JobStatus::Queued,
+            FailureKind::Unspecified,
+            format!("the assignment never reached runner {runner}; queued again"),
+            None,
+        )?;
+        let job = self.job_mut(&job_id)?;
+        job.attempt_count -= 1;
+        job.current_lease = None;
+        job.runner_id = None;
+        self.attempts.remove(&lease);
+        self.dirty_attempts.remove(&lease);
+        if !self.new_attempts.remove(&lease) {
+            attempt::Entity::delete_by_id(lease).exec(self.txn).await?;
+        }
+        self.release_lock(lock_key, lease).await
     }
 
     /// Cancels a loaded job: QUEUED ends CANCELED at once; ASSIGNED/RUNNING becomes
@@ -620,10 +671,10 @@ impl<'t> Lifecycle<'t> {
         }
         for id in std::mem::take(&mut self.dirty_jobs) {
             if let Some(model) = self.jobs.get(&id).cloned() {
-                job::ActiveModel::from(model)
-                    .reset_all()
-                    .update(self.txn)
-                    .await?;
+                let mut row = job::ActiveModel::from(model).reset_all();
+                // The spec is written once, at submit: never rewrite it.
+                row.spec = sea_orm::ActiveValue::NotSet;
+                row.update(self.txn).await?;
             }
         }
         let mut inserts = Vec::new();

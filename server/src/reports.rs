@@ -3,8 +3,11 @@
 //! Every report names (job, lease) and carries a per-attempt sequence number. A report is
 //! fenced first (the lease must be the job's current one and belong to the caller), then
 //! applied only if its sequence is above the attempt's acknowledged one; anything at or
-//! below is a duplicate and is acknowledged again without effect. Acknowledgements are
-//! cumulative per attempt.
+//! below is a duplicate and is acknowledged again without effect. Sequences must increase
+//! but may skip numbers: a runner may coalesce unacknowledged reports into one carrying the
+//! highest sequence it replaces (log bytes already stored are trimmed by offset).
+//! Acknowledgements are cumulative per attempt: everything up to `acked_sequence` is stored
+//! or was answered as refused.
 //!
 //! Writes are group-committed: a single ingester task takes every pending batch from every
 //! session and unary call, applies them in one transaction, and answers each caller. Many
@@ -138,14 +141,32 @@ async fn apply(app: &App, batches: &[Batch]) -> Result<Vec<Outcome>> {
     let mut outcomes = Vec::with_capacity(batches.len());
     for batch in batches {
         let mut acks: BTreeMap<(String, String), u64> = BTreeMap::new();
-        let mut rejected = Vec::new();
+        let mut rejected: Vec<Rejection> = Vec::new();
         for report in &batch.reports {
+            // After a refused report, later ones of the same attempt in this batch are not
+            // applied either: an acknowledgement never jumps over a report the runner was
+            // told was refused within the same batch.
+            if rejected
+                .iter()
+                .any(|r| r.job_id == report.job_id && r.lease_id == report.lease_id)
+            {
+                rejected.push(Rejection {
+                    job_id: report.job_id.clone(),
+                    lease_id: report.lease_id.clone(),
+                    code: Code::FailedPrecondition,
+                    message: format!(
+                        "report {} not applied: an earlier report of this attempt in the same batch was refused",
+                        report.sequence
+                    ),
+                });
+                continue;
+            }
             match apply_one(&mut lc, batch.runner_id, report).await {
                 Ok(acked) => {
                     acks.insert((report.job_id.clone(), report.lease_id.clone()), acked);
                 }
                 Err((code, message)) => {
-                    acks.remove(&(report.job_id.clone(), report.lease_id.clone()));
+                    // The ack (if any) stays at the last report applied before this one.
                     rejected.push(Rejection {
                         job_id: report.job_id.clone(),
                         lease_id: report.lease_id.clone(),

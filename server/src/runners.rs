@@ -146,6 +146,8 @@ pub async fn ack_commands(app: &App, runner_id: Uuid, seq: u64) -> Result<()> {
         runner::Entity::update_many()
             .col_expr(runner::Column::AckedCommandSeq, Expr::value(seq))
             .filter(runner::Column::Id.eq(runner_id))
+            // Concurrent acks on PostgreSQL: the acknowledged sequence never goes back.
+            .filter(runner::Column::AckedCommandSeq.lt(seq))
             .exec(&wtx.txn)
             .await?;
         command::Entity::delete_many()

@@ -19,8 +19,6 @@ use crate::{App, dispatch, error::Error, leases, runners};
 pub const OUTBOUND_BUFFER: usize = 256;
 /// Runner messages buffered before reading pauses (backpressure).
 const INBOUND_BUFFER: usize = 64;
-/// Most credits a runner may hold.
-const MAX_CREDITS: u32 = 4096;
 
 type Outbound = mpsc::Sender<Result<pb::SessionResponse, Status>>;
 
@@ -65,8 +63,12 @@ async fn serve(
     let mut work_rx = app.hub.subscribe_work();
     let mut shutdown = app.shutdown.clone();
 
+    // Work given to this runner before the session that it no longer holds is lost now.
+    leases::release_unheld(app, runner_id, &hello.held, crate::lifecycle::now_ms()).await?;
     let beat = leases::heartbeat(app, runner_id, &hello.held).await?;
-    let mut credits = hello.free_slots.min(MAX_CREDITS);
+    // Credits never exceed the registered capacity, whatever the runner grants.
+    let capacity = dispatch::profile(app, runner_id).await?.capacity;
+    let mut credits = hello.free_slots.min(capacity);
     if !send(
         out,
         Out::Welcome(pb::Welcome {
@@ -127,10 +129,17 @@ async fn serve(
             work_rx.borrow_and_update();
             let profile = dispatch::profile(app, runner_id).await?;
             let got = dispatch::claim(app, &profile, credits as usize).await?;
-            for assignment in got {
+            let mut pending = got.into_iter();
+            while let Some(assignment) = pending.next() {
                 credits -= 1;
+                let lease = assignment.lease_id.clone();
                 if !send(out, Out::Assignment(assignment)).await {
-                    // The runner is gone; its new leases expire and the jobs are retried.
+                    // The runner is gone: take back what it never received.
+                    let undelivered = std::iter::once(lease)
+                        .chain(pending.map(|a| a.lease_id))
+                        .filter_map(|l| Uuid::try_parse(&l).ok())
+                        .collect();
+                    dispatch::return_undelivered(app, undelivered).await?;
                     return Ok(());
                 }
             }
@@ -140,7 +149,7 @@ async fn serve(
                 let Some(msg) = msg else { return Ok(()) };
                 match msg.kind {
                     Some(In::Credits(c)) => {
-                        credits = credits.saturating_add(c.slots).min(MAX_CREDITS);
+                        credits = credits.saturating_add(c.slots).min(capacity);
                         check_work = true;
                     }
                     Some(In::Heartbeat(h)) => {
@@ -152,7 +161,15 @@ async fn serve(
                         }
                     }
                     Some(In::Reports(batch)) => {
-                        let outcome = app.ingester.submit(runner_id, batch.reports).await?;
+                        let outcome = match app.ingester.submit(runner_id, batch.reports).await {
+                            Ok(outcome) => outcome,
+                            Err(e) => {
+                                // Not stored, not acknowledged: the runner sends them again.
+                                // The session itself stays up.
+                                tracing::warn!(runner = %runner_id, error = %e, "report batch not stored");
+                                continue;
+                            }
+                        };
                         if !outcome.acks.is_empty()
                             && !send(out, Out::Acks(pb::ReportAcks { acks: outcome.acks })).await
                         {

@@ -516,6 +516,14 @@ impl Session {
         }
     }
 
+    /// The next message, which must be an assignment.
+    pub async fn next_assignment(&mut self) -> pb::Assignment {
+        match self.next().await {
+            pb::session_response::Kind::Assignment(a) => a,
+            other => panic!("expected an assignment, got {other:?}"),
+        }
+    }
+
     /// Sends a message.
     pub async fn send(&self, kind: pb::session_request::Kind) {
         self.tx

@@ -24,10 +24,7 @@ async fn replicas_push_work_and_cancels_to_a_session_on_another_replica() {
     let mut session = runner.session(1, vec![]).await;
 
     let id = submit(&mut via_b, sh("sleep 600")).await;
-    let a = match session.next().await {
-        Out::Assignment(a) => a,
-        other => panic!("expected an assignment, got {other:?}"),
-    };
+    let a = session.next_assignment().await;
     assert_eq!(a.job_id, id);
     via_b
         .cancel_job(pb::CancelJobRequest {

@@ -19,6 +19,10 @@ on_both_databases!(
     commands_are_polled_and_acknowledged_without_a_session,
     drain_stops_dispatch_to_a_runner,
     followers_resume_and_follow_live_across_retries,
+    a_runner_that_reconnects_without_its_work_loses_it_at_once,
+    a_cancel_a_live_runner_never_confirms_ends_canceled,
+    session_credits_never_exceed_capacity,
+    a_refused_report_stops_the_rest_of_its_batch,
 );
 
 async fn unary_path_runs_a_job_to_success(db: Db) {
@@ -122,10 +126,7 @@ async fn session_path_pushes_work_and_acks_reports(db: Db) {
     let mut runner = server.runner("r1", &[], 2).await;
     let mut session = runner.session(2, vec![]).await;
     let id = submit(&mut jobs, sh("echo hi")).await;
-    let a = match session.next().await {
-        Out::Assignment(a) => a,
-        other => panic!("expected an assignment, got {other:?}"),
-    };
+    let a = session.next_assignment().await;
     assert_eq!(a.job_id, id);
     let mk = |seq, body| pb::Report {
         job_id: a.job_id.clone(),
@@ -167,18 +168,12 @@ async fn session_path_pushes_work_and_acks_reports(db: Db) {
     assert_eq!(logs(&mut jobs, &id).await.0, b"hi\n");
     // One credit left: a second job is pushed too, a third is not until a credit returns.
     let id2 = submit(&mut jobs, sh("true")).await;
-    match session.next().await {
-        Out::Assignment(a2) => assert_eq!(a2.job_id, id2),
-        other => panic!("expected an assignment, got {other:?}"),
-    }
+    assert_eq!(session.next_assignment().await.job_id, id2);
     let id3 = submit(&mut jobs, sh("true")).await;
     session
         .send(pb::session_request::Kind::Credits(pb::Credits { slots: 1 }))
         .await;
-    match session.next().await {
-        Out::Assignment(a3) => assert_eq!(a3.job_id, id3),
-        other => panic!("expected an assignment, got {other:?}"),
-    }
+    assert_eq!(session.next_assignment().await.job_id, id3);
     server.stop().await;
 }
 
@@ -518,10 +513,7 @@ async fn cancel_is_pushed_to_a_connected_session(db: Db) {
     let mut runner = server.runner("r", &[], 1).await;
     let mut session = runner.session(1, vec![]).await;
     let id = submit(&mut jobs, sh("sleep 600")).await;
-    let a = match session.next().await {
-        Out::Assignment(a) => a,
-        other => panic!("expected an assignment, got {other:?}"),
-    };
+    let a = session.next_assignment().await;
     session
         .report(vec![pb::Report {
             job_id: id.clone(),
@@ -631,7 +623,11 @@ async fn restart_keeps_every_acknowledged_report(db: Db) {
     let mut runner = server.runner("r", &[], 1).await;
     let id = submit(&mut jobs, sh("echo long")).await;
     let a = runner.claim_one().await;
-    let mut session = runner.session(0, vec![]).await;
+    let held = vec![pb::LeaseRef {
+        job_id: id.clone(),
+        lease_id: a.lease_id.clone(),
+    }];
+    let mut session = runner.session(0, held).await;
     let mut expected = Vec::new();
     let mut reports = vec![pb::Report {
         job_id: id.clone(),
@@ -998,6 +994,163 @@ async fn followers_resume_and_follow_live_across_retries(db: Db) {
         seqs,
         vec![last - 1, last],
         "a terminal job's follow ends after its last event"
+    );
+    server.stop().await;
+}
+
+async fn a_runner_that_reconnects_without_its_work_loses_it_at_once(db: Db) {
+    // A long lease: only the session's hello can end the attempt before the test's patience.
+    let server = TestServer::start_with(db, |c| c.lease_seconds = 600).await;
+    let mut jobs = server.jobs().await;
+    let mut runner = server.runner("r", &[], 1).await;
+    let mut spec = sh("echo lost");
+    spec.retry = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff_ms: 0,
+        max_backoff_ms: 0,
+    });
+    let id = submit(&mut jobs, spec).await;
+    let a1 = runner.claim_one().await;
+    // The runner restarted and lost its work: its hello holds nothing.
+    let mut session = runner.session(1, vec![]).await;
+    let a2 = session.next_assignment().await;
+    assert_eq!(a2.job_id, id);
+    assert_eq!(a2.attempt, 2);
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(job.attempts[0].lease_id, a1.lease_id);
+    assert_eq!(
+        job.attempts[0].failure_kind,
+        pb::FailureKind::RunnerLost as i32
+    );
+    server.stop().await;
+}
+
+async fn a_cancel_a_live_runner_never_confirms_ends_canceled(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let mut runner = server.runner("r", &[], 1).await;
+    let mut spec = sh("trap '' TERM; sleep 100");
+    spec.cancel_grace_seconds = 1;
+    let id = submit(&mut jobs, spec).await;
+    let a = runner.claim_one().await;
+    runner
+        .report(&a, status(JobStatus::Running))
+        .await
+        .expect("running");
+    // The runner stays alive (heartbeats keep its lease) but never confirms the cancel.
+    let mut hb = runner.client.clone();
+    let beat = tokio::spawn(async move {
+        loop {
+            let _ = hb.heartbeat(pb::HeartbeatRequest::default()).await;
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+    });
+    jobs.cancel_job(pb::CancelJobRequest {
+        job_id: id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .expect("cancel");
+    wait_for_status(&mut jobs, &id, JobStatus::Canceled).await;
+    beat.abort();
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(job.failure_kind, pb::FailureKind::Canceled as i32);
+    assert!(
+        job.attempts[0].failure_message.contains("did not confirm"),
+        "{:?}",
+        job.attempts[0]
+    );
+    server.stop().await;
+}
+
+async fn session_credits_never_exceed_capacity(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let first = submit(&mut jobs, sh("one")).await;
+    submit(&mut jobs, sh("two")).await;
+    let mut runner = server.runner("r", &[], 1).await;
+    // The runner grants 5 slots though it registered a capacity of 1.
+    let mut session = runner.session(5, vec![]).await;
+    session
+        .send(pb::session_request::Kind::Heartbeat(
+            pb::HeartbeatRequest::default(),
+        ))
+        .await;
+    // The claim for the hello's credits happens before the heartbeat is read, so every
+    // assignment it made arrives before the heartbeat's answer.
+    let mut assigned = Vec::new();
+    loop {
+        match session.next().await {
+            Out::Assignment(a) => assigned.push(a.job_id),
+            Out::HeartbeatAck(_) => break,
+            _ => {}
+        }
+    }
+    assert_eq!(assigned, vec![first]);
+    // Unary Claim counts the held attempt against the capacity too.
+    let more = runner
+        .client
+        .claim(pb::ClaimRequest {
+            max_jobs: 5,
+            wait_seconds: 0,
+        })
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(more.assignments.is_empty());
+    server.stop().await;
+}
+
+async fn a_refused_report_stops_the_rest_of_its_batch(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let mut runner = server.runner("r", &[], 1).await;
+    let id = submit(&mut jobs, sh("x")).await;
+    let a = runner.claim_one().await;
+    let mut session = runner
+        .session(
+            0,
+            vec![pb::LeaseRef {
+                job_id: id.clone(),
+                lease_id: a.lease_id.clone(),
+            }],
+        )
+        .await;
+    let mk = |seq, body| pb::Report {
+        job_id: id.clone(),
+        lease_id: a.lease_id.clone(),
+        sequence: seq,
+        body: Some(body),
+    };
+    session
+        .send(pb::session_request::Kind::Reports(pb::ReportBatch {
+            reports: vec![
+                mk(1, status(JobStatus::Running)),
+                mk(2, stdout(50, b"hole")),
+                mk(3, stdout(0, b"fine")),
+            ],
+        }))
+        .await;
+    let (mut acks, mut rejected) = (Vec::new(), Vec::new());
+    while rejected.len() < 2 {
+        match session.next().await {
+            Out::Acks(a) => acks.extend(a.acks),
+            Out::Rejected(r) => rejected.push(r),
+            _ => {}
+        }
+    }
+    let acked: Vec<u64> = acks.iter().map(|a| a.acked_sequence).collect();
+    assert_eq!(acked, vec![1], "the ack stops before the refused report");
+    assert_eq!(rejected[0].code, tonic::Code::InvalidArgument as i32);
+    assert!(
+        rejected[0].message.contains("log.offset"),
+        "{}",
+        rejected[0].message
+    );
+    assert_eq!(rejected[1].code, tonic::Code::FailedPrecondition as i32);
+    assert!(
+        logs(&mut jobs, &id).await.0.is_empty(),
+        "nothing after the refused report was stored"
     );
     server.stop().await;
 }

@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::{
     App,
     error::{Error, Result},
-    lifecycle::{Lifecycle, decode},
+    lifecycle::{Lifecycle, decode, status_of},
     store::entity::{attempt, event, job, job_label, log_chunk},
 };
 
@@ -68,10 +68,6 @@ fn attempt_to_proto(a: &attempt::Model) -> pb::Attempt {
         failure_message: a.failure_message.clone(),
         status: a.status,
     }
-}
-
-fn status_of(raw: i32) -> pb::JobStatus {
-    pb::JobStatus::try_from(raw).unwrap_or(pb::JobStatus::Unspecified)
 }
 
 /// Validates and stores a job; an already used idempotency key returns the first job.
@@ -407,17 +403,20 @@ async fn send_logs(
     let mut last_id: i64 = 0;
     // Offsets apply to the first attempt streamed; a later attempt starts at 0.
     let (mut stdout_from, mut stderr_from) = (req.stdout_offset, req.stderr_offset);
+    // Set once the followed attempt has ended and all it wrote has been sent.
+    let mut drained = false;
     loop {
         let job = job::Entity::find_by_id(id)
             .one(app.store.db())
             .await?
             .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
         let terminal = state::is_terminal(status_of(job.status));
-        if number == 0 || (follow_retries && req.follow && job.attempt_count > number) {
-            if number != 0 {
-                (stdout_from, stderr_from, last_id) = (0, 0, 0);
-            }
+        if number == 0 {
             number = job.attempt_count;
+        } else if drained && job.attempt_count > number {
+            // Every byte of this attempt was sent and a retry started: follow it.
+            number += 1;
+            (stdout_from, stderr_from, last_id, drained) = (0, 0, 0, false);
         }
         if number == 0 {
             // No attempt yet.
@@ -488,6 +487,12 @@ async fn send_logs(
         // into a retry that has not ended it yet.
         if ended && (!follow_retries || terminal) {
             return Ok(());
+        }
+        if ended {
+            drained = true;
+            if job.attempt_count > number {
+                continue; // the next attempt already exists
+            }
         }
         if !wait_for_change(app, &mut rx, id, tx).await {
             return Ok(());

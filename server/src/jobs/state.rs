@@ -11,14 +11,6 @@ pub fn is_terminal(status: JobStatus) -> bool {
     )
 }
 
-/// Whether a job in this status holds a claim (an unfinished attempt).
-pub fn is_claimed(status: JobStatus) -> bool {
-    matches!(
-        status,
-        JobStatus::Assigned | JobStatus::Running | JobStatus::Canceling
-    )
-}
-
 /// Every transition the design allows. Anything else is a bug or a stale request.
 pub fn allowed(from: JobStatus, to: JobStatus) -> bool {
     use JobStatus::*;

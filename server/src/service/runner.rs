@@ -10,8 +10,10 @@ use crate::{App, dispatch, error::Error, leases, runners, session};
 
 /// Most reports one ReportEvents call may carry.
 const MAX_REPORTS_PER_CALL: usize = 100_000;
-/// Reports handed to the ingester at a time within one call.
+/// Reports handed to the ingester at a time within one call…
 const REPORT_CHUNK: usize = 512;
+/// …or fewer, once they carry this many log bytes (bounds the memory one call holds).
+const REPORT_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 
 /// RunnerService over the shared application state.
 pub struct RunnerApi(pub App);
@@ -82,6 +84,7 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
         let mut stream = request.into_inner();
         let mut acks = std::collections::BTreeMap::new();
         let mut pending = Vec::new();
+        let mut pending_bytes = 0usize;
         let mut total = 0usize;
         loop {
             let next = stream.message().await?;
@@ -95,9 +98,15 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
                     )
                     .into());
                 }
+                if let Some(pb::report::Body::Log(l)) = &report.body {
+                    pending_bytes += l.data.len();
+                }
                 pending.push(report);
             }
-            if !pending.is_empty() && (done || pending.len() >= REPORT_CHUNK) {
+            if !pending.is_empty()
+                && (done || pending.len() >= REPORT_CHUNK || pending_bytes >= REPORT_CHUNK_BYTES)
+            {
+                pending_bytes = 0;
                 let outcome = self
                     .0
                     .ingester
