@@ -50,11 +50,7 @@ pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
         id: row.id,
         labels: info.labels,
         executors: info.executors,
-        queues: if info.queues.is_empty() {
-            vec![crate::jobs::spec::DEFAULT_QUEUE.to_string()]
-        } else {
-            info.queues
-        },
+        queues: info.queues,
         state: row.state,
         capacity: u32::try_from(row.capacity).unwrap_or(1),
     })

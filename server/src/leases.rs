@@ -18,7 +18,7 @@ use crate::{
     events::Signals,
     jobs::state::AttemptEnd,
     lifecycle::{Lifecycle, now_ms},
-    store::entity::{attempt, event, job, job_label, lock, log_chunk, runner},
+    store::entity::{attempt, command, event, job, job_label, lock, log_chunk, runner},
 };
 
 /// Attempts the reaper ends per transaction.
@@ -318,8 +318,47 @@ async fn retain(app: &App, now: i64) -> Result<()> {
             i64::try_from(app.config.retention_seconds.saturating_mul(1000)).unwrap_or(i64::MAX),
         );
         purge_finished_before(app, horizon).await?;
+        purge_runners_gone_before(app, horizon).await?;
     }
     Ok(())
+}
+
+/// Deletes runners OFFLINE since before `horizon` and holding nothing, with their commands.
+pub async fn purge_runners_gone_before(app: &App, horizon: i64) -> Result<u64> {
+    let wtx = app.store.write().await?;
+    let gone: Vec<Uuid> = runner::Entity::find()
+        .select_only()
+        .column(runner::Column::Id)
+        .filter(runner::Column::State.eq(pb::RunnerState::Offline as i32))
+        .filter(runner::Column::LastHeartbeat.lt(horizon))
+        .filter(
+            runner::Column::Id.not_in_subquery(
+                sea_orm::sea_query::Query::select()
+                    .column(attempt::Column::RunnerId)
+                    .from(attempt::Entity)
+                    .and_where(attempt::Column::FinishedAt.is_null())
+                    .to_owned(),
+            ),
+        )
+        .limit(500)
+        .into_tuple()
+        .all(&wtx.txn)
+        .await?;
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    command::Entity::delete_many()
+        .filter(command::Column::RunnerId.is_in(gone.clone()))
+        .exec(&wtx.txn)
+        .await?;
+    let deleted = runner::Entity::delete_many()
+        .filter(runner::Column::Id.is_in(gone))
+        .exec(&wtx.txn)
+        .await?
+        .rows_affected;
+    wtx.commit().await?;
+    tracing::info!(deleted, "retention: deleted runners gone offline");
+    Ok(deleted)
 }
 
 /// Ends each attempt in `leases` for which `decide` (re-checked under lock) says so.

@@ -1,12 +1,12 @@
 //! Runners: registration, their commands (issued, polled, acknowledged), and what
 //! operators see and steer (list, get, drain, stats).
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use gantry_proto as pb;
 use prost::Message;
 use sea_orm::{
-    ColumnTrait, EntityTrait, IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, sea_query::Expr,
+    ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::Expr,
 };
 use uuid::Uuid;
 
@@ -20,7 +20,7 @@ use crate::{
 };
 
 /// Registers a runner; returns its id and (once) its credential.
-pub async fn register(app: &App, req: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
+pub async fn register(app: &App, mut req: pb::RegisterRequest) -> Result<pb::RegisterResponse> {
     if req.name.is_empty() || req.name.len() > 128 {
         return Err(Error::invalid("name", "must be 1..=128 bytes"));
     }
@@ -50,6 +50,10 @@ pub async fn register(app: &App, req: pb::RegisterRequest) -> Result<pb::Registe
     }
     if req.hostname.len() > 255 {
         return Err(Error::invalid("hostname", "must be at most 255 bytes"));
+    }
+    if req.queues.is_empty() {
+        // Stored explicitly, so readers never need to know the default.
+        req.queues = vec![spec::DEFAULT_QUEUE.to_string()];
     }
     let id = Uuid::now_v7();
     let (credential, credential_hash) = Auth::issue_credential(id);
@@ -169,11 +173,7 @@ pub fn to_proto(row: &runner::Model, active_jobs: u32) -> Result<pb::Runner> {
         labels: info.labels,
         capacity: info.capacity,
         executors: info.executors,
-        queues: if info.queues.is_empty() {
-            vec![spec::DEFAULT_QUEUE.to_string()]
-        } else {
-            info.queues
-        },
+        queues: info.queues,
         version: info.version,
         hostname: info.hostname,
         state: row.state,
@@ -183,13 +183,22 @@ pub fn to_proto(row: &runner::Model, active_jobs: u32) -> Result<pb::Runner> {
     })
 }
 
-async fn active_jobs(app: &App, runner_id: Uuid) -> Result<u32> {
-    let n = attempt::Entity::find()
-        .filter(attempt::Column::RunnerId.eq(runner_id))
+/// Unfinished attempts per runner, for the given runners, in one query.
+async fn active_jobs(app: &App, runner_ids: Vec<Uuid>) -> Result<HashMap<Uuid, u32>> {
+    let counts: Vec<(Uuid, i64)> = attempt::Entity::find()
+        .select_only()
+        .column(attempt::Column::RunnerId)
+        .column_as(attempt::Column::LeaseId.count(), "n")
+        .filter(attempt::Column::RunnerId.is_in(runner_ids))
         .filter(attempt::Column::FinishedAt.is_null())
-        .count(app.store.db())
+        .group_by(attempt::Column::RunnerId)
+        .into_tuple()
+        .all(app.store.db())
         .await?;
-    Ok(u32::try_from(n).unwrap_or(u32::MAX))
+    Ok(counts
+        .into_iter()
+        .map(|(id, n)| (id, u32::try_from(n).unwrap_or(u32::MAX)))
+        .collect())
 }
 
 /// One runner.
@@ -198,7 +207,8 @@ pub async fn get(app: &App, runner_id: Uuid) -> Result<pb::Runner> {
         .one(app.store.db())
         .await?
         .ok_or_else(|| Error::NotFound(format!("runner {runner_id}")))?;
-    to_proto(&row, active_jobs(app, runner_id).await?)
+    let active = active_jobs(app, vec![runner_id]).await?;
+    to_proto(&row, active.get(&runner_id).copied().unwrap_or(0))
 }
 
 /// A page of runners, newest registration first.
@@ -232,10 +242,11 @@ pub async fn list(app: &App, req: pb::ListRunnersRequest) -> Result<pb::ListRunn
         .await?;
     let more = rows.len() > page_size as usize;
     rows.truncate(page_size as usize);
-    let mut runners = Vec::with_capacity(rows.len());
-    for row in &rows {
-        runners.push(to_proto(row, active_jobs(app, row.id).await?)?);
-    }
+    let active = active_jobs(app, rows.iter().map(|r| r.id).collect()).await?;
+    let runners = rows
+        .iter()
+        .map(|row| to_proto(row, active.get(&row.id).copied().unwrap_or(0)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(pb::ListRunnersResponse {
         next_page_token: if more {
             rows.last().map(|r| r.id.to_string()).unwrap_or_default()

@@ -250,8 +250,20 @@ impl TestServer {
         AdminServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
     }
 
-    /// Registers a runner with these labels and capacity, offering the process executor.
+    /// Registers a runner with these labels and capacity, offering both executors.
     pub async fn runner(&self, name: &str, labels: &[(&str, &str)], capacity: u32) -> TestRunner {
+        let both = [pb::ExecutorKind::Process, pb::ExecutorKind::Docker];
+        self.runner_offering(name, labels, capacity, &both).await
+    }
+
+    /// Registers a runner offering only `executors`.
+    pub async fn runner_offering(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        capacity: u32,
+        executors: &[pb::ExecutorKind],
+    ) -> TestRunner {
         let mut reg = RunnerServiceClient::with_interceptor(
             self.channel().await,
             Bearer::new(&self.registration_token),
@@ -264,10 +276,7 @@ impl TestServer {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 capacity,
-                executors: vec![
-                    pb::ExecutorKind::Process as i32,
-                    pb::ExecutorKind::Docker as i32,
-                ],
+                executors: executors.iter().map(|e| *e as i32).collect(),
                 queues: vec![],
                 version: "test".into(),
                 hostname: "localhost".into(),

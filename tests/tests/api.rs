@@ -887,6 +887,26 @@ async fn retention_deletes_old_terminal_jobs(db: Db) {
         JobStatus::Queued as i32,
         "unfinished jobs are kept"
     );
+    // A runner that went away is forgotten too, once offline for longer than the retention.
+    let gone = server.runner("gone", &[], 1).await;
+    let mut admin = server.admin().await;
+    loop {
+        match admin
+            .get_runner(pb::GetRunnerRequest {
+                runner_id: gone.id.clone(),
+            })
+            .await
+        {
+            Err(e) if e.code() == Code::NotFound => break,
+            Ok(_) => {}
+            Err(e) => panic!("get runner: {e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the silent runner was never purged"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     server.stop().await;
 }
 
@@ -925,5 +945,62 @@ async fn dispatch_follows_labels_queues_and_priority(db: Db) {
     );
     let got: Vec<String> = claim(&arm).await.into_iter().map(|a| a.job_id).collect();
     assert_eq!(got, vec![arm_job]);
+
+    // Executor kind: a process-only runner never gets a docker job, a docker runner does.
+    let docker_job = submit(
+        &mut jobs,
+        pb::JobSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let process_only = server
+        .runner_offering("proc", &[], 4, &[pb::ExecutorKind::Process])
+        .await;
+    assert!(claim(&process_only).await.is_empty());
+    let docker_only = server
+        .runner_offering("dock", &[], 4, &[pb::ExecutorKind::Docker])
+        .await;
+    let got: Vec<String> = claim(&docker_only)
+        .await
+        .into_iter()
+        .map(|a| a.job_id)
+        .collect();
+    assert_eq!(got, vec![docker_job]);
+
+    // not_before: a job waiting out a retry backoff is not dispatched before its time.
+    let mut backoff = sh("fails once");
+    backoff.retry = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        initial_backoff_ms: 3_600_000,
+        max_backoff_ms: 0,
+    });
+    let backoff = submit(&mut jobs, backoff).await;
+    let a = claim(&process_only).await.pop().expect("claimed");
+    assert_eq!(a.job_id, backoff);
+    let mut reporter = process_only;
+    reporter
+        .report(
+            &a,
+            pb::report::Body::Status(pb::StatusReport {
+                status: JobStatus::Failed as i32,
+                exit_code: Some(1),
+                failure_kind: pb::FailureKind::ExitNonzero as i32,
+                ..Default::default()
+            }),
+        )
+        .await
+        .expect("failed");
+    let job = get(&mut jobs, &backoff).await;
+    assert_eq!(job.status, JobStatus::Queued as i32);
+    assert!(
+        job.not_before_unix_ms > job.updated_at_unix_ms + 3_500_000,
+        "{job:?}"
+    );
+    assert!(
+        claim(&reporter).await.is_empty(),
+        "not before its backoff ends"
+    );
     server.stop().await;
 }
