@@ -420,6 +420,19 @@ impl TestRunner {
         );
     }
 
+    /// Heartbeats every 500 ms (well inside the tests' 3 s lease) until the handle is
+    /// aborted: the runner stays alive without reporting anything.
+    pub fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+        let mut client = self.client.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let _ = client.heartbeat(pb::HeartbeatRequest::default()).await;
+            }
+        })
+    }
+
     /// Next report sequence for a lease.
     pub fn next_seq(&self, lease: &str) -> u64 {
         let mut seq = self.seq.lock().expect("seq lock");

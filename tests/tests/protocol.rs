@@ -714,20 +714,7 @@ async fn server_enforces_timeouts(db: Db) {
         .await
         .expect("running");
     // The runner keeps its lease alive but never reports an end: the server times it out.
-    let hb_client = runner.client.clone();
-    let held = vec![pb::LeaseRef {
-        job_id: id.clone(),
-        lease_id: a.lease_id.clone(),
-    }];
-    let beat = tokio::spawn(async move {
-        let mut c = hb_client;
-        loop {
-            let _ = c
-                .heartbeat(pb::HeartbeatRequest { held: held.clone() })
-                .await;
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-    });
+    let beat = runner.keep_alive();
     wait_for_status(&mut jobs, &id, JobStatus::TimedOut).await;
     beat.abort();
     let job = get(&mut jobs, &id).await;
@@ -1038,13 +1025,7 @@ async fn a_cancel_a_live_runner_never_confirms_ends_canceled(db: Db) {
         .await
         .expect("running");
     // The runner stays alive (heartbeats keep its lease) but never confirms the cancel.
-    let mut hb = runner.client.clone();
-    let beat = tokio::spawn(async move {
-        loop {
-            let _ = hb.heartbeat(pb::HeartbeatRequest::default()).await;
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-        }
-    });
+    let beat = runner.keep_alive();
     jobs.cancel_job(pb::CancelJobRequest {
         job_id: id.clone(),
         reason: String::new(),
