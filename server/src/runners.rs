@@ -285,6 +285,66 @@ pub async fn drain(app: &App, runner_id: Uuid, reason: &str) -> Result<pb::Runne
     get(app, runner_id).await
 }
 
+/// Sets a runner's state (a session's hello, its own drain, or its deregistration).
+async fn set_state(app: &App, runner_id: Uuid, state: pb::RunnerState) -> Result<()> {
+    let wtx = app.store.write().await?;
+    let found = runner::Entity::update_many()
+        .col_expr(runner::Column::State, Expr::value(state as i32))
+        .filter(runner::Column::Id.eq(runner_id))
+        .exec(&wtx.txn)
+        .await?
+        .rows_affected;
+    if found == 0 {
+        return Err(Error::NotFound(format!("runner {runner_id}")));
+    }
+    wtx.commit().await?;
+    Ok(())
+}
+
+/// A session opened: the runner is ready for work and goes ONLINE, unless an operator's
+/// drain is still waiting to be delivered to it (it will drain as soon as it gets it).
+pub async fn session_opened(app: &App, runner_id: Uuid) -> Result<()> {
+    let row = runner::Entity::find_by_id(runner_id)
+        .one(app.store.db())
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("runner {runner_id}")))?;
+    if row.state == pb::RunnerState::Online as i32 {
+        return Ok(());
+    }
+    let drain_pending = pending_commands(app, runner_id, row.acked_command_seq)
+        .await?
+        .iter()
+        .any(|c| matches!(c.kind, Some(pb::command::Kind::Drain(_))));
+    if drain_pending {
+        return Ok(());
+    }
+    set_state(app, runner_id, pb::RunnerState::Online).await
+}
+
+/// The runner drains itself (SIGTERM, a drain command, `--once`): DRAINING, no new work.
+pub async fn drain_self(app: &App, runner_id: Uuid, reason: &str) -> Result<()> {
+    if reason.len() > 1024 {
+        return Err(Error::invalid("drain.reason", "must be at most 1024 bytes"));
+    }
+    tracing::info!(runner = %runner_id, reason, "runner draining");
+    set_state(app, runner_id, pb::RunnerState::Draining).await
+}
+
+/// The runner leaves: OFFLINE, and whatever it still holds is lost (and retried).
+pub async fn deregister(
+    app: &App,
+    runner_id: Uuid,
+    reason: &str,
+) -> Result<pb::DeregisterResponse> {
+    if reason.len() > 1024 {
+        return Err(Error::invalid("reason", "must be at most 1024 bytes"));
+    }
+    let released_attempts = crate::leases::release_all(app, runner_id, reason).await?;
+    set_state(app, runner_id, pb::RunnerState::Offline).await?;
+    tracing::info!(runner = %runner_id, reason, released_attempts, "runner deregistered");
+    Ok(pb::DeregisterResponse { released_attempts })
+}
+
 /// Job counts by status and per queue, runner counts by state.
 pub async fn stats(app: &App) -> Result<pb::GetStatsResponse> {
     let by_status: Vec<(i32, i64)> = job::Entity::find()

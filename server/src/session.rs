@@ -65,6 +65,7 @@ async fn serve(
 
     // Work given to this runner before the session that it no longer holds is lost now.
     leases::release_unheld(app, runner_id, &hello.held, crate::lifecycle::now_ms()).await?;
+    runners::session_opened(app, runner_id).await?;
     let beat = leases::heartbeat(app, runner_id, &hello.held).await?;
     // Credits never exceed the registered capacity, whatever the runner grants.
     let capacity = dispatch::profile(app, runner_id).await?.capacity;
@@ -180,6 +181,10 @@ async fn serve(
                                 return Ok(());
                             }
                         }
+                    }
+                    Some(In::Drain(d)) => {
+                        runners::drain_self(app, runner_id, &d.reason).await?;
+                        credits = 0;
                     }
                     Some(In::CommandAck(a)) => {
                         runners::ack_commands(app, runner_id, a.sequence).await?;

@@ -4,6 +4,8 @@
 //! PostgreSQL comes from `GANTRY_TEST_POSTGRES_URL` (an admin URL; each test creates and
 //! drops its own database). When it is unset the PostgreSQL variant of a test says so
 //! loudly; with `GANTRY_TEST_REQUIRE_ALL=1` (set by `scripts/test.sh`) it fails instead.
+pub mod procs;
+
 use std::{net::SocketAddr, time::Duration};
 
 use gantry_proto as pb;

@@ -51,10 +51,16 @@ pub enum AttemptEnd {
         message: String,
         exit_code: Option<i32>,
     },
-    /// The work was stopped on a cancel.
-    Canceled { message: String },
-    /// The work ran past its deadline.
-    TimedOut { message: String },
+    /// The work was stopped on a cancel (its exit code, when it exited).
+    Canceled {
+        message: String,
+        exit_code: Option<i32>,
+    },
+    /// The work ran past its deadline (its exit code, when it was stopped and exited).
+    TimedOut {
+        message: String,
+        exit_code: Option<i32>,
+    },
     /// The lease expired without the runner finishing (runner lost).
     Lost { message: String },
 }
@@ -76,8 +82,8 @@ impl AttemptEnd {
         match self {
             AttemptEnd::Succeeded { .. } => String::new(),
             AttemptEnd::Failed { message, .. }
-            | AttemptEnd::Canceled { message }
-            | AttemptEnd::TimedOut { message }
+            | AttemptEnd::Canceled { message, .. }
+            | AttemptEnd::TimedOut { message, .. }
             | AttemptEnd::Lost { message } => message.clone(),
         }
     }
@@ -85,9 +91,10 @@ impl AttemptEnd {
     /// Exit code, when the work exited.
     pub fn exit_code(&self) -> Option<i32> {
         match self {
-            AttemptEnd::Succeeded { exit_code } | AttemptEnd::Failed { exit_code, .. } => {
-                *exit_code
-            }
+            AttemptEnd::Succeeded { exit_code }
+            | AttemptEnd::Failed { exit_code, .. }
+            | AttemptEnd::Canceled { exit_code, .. }
+            | AttemptEnd::TimedOut { exit_code, .. } => *exit_code,
             _ => None,
         }
     }
@@ -147,7 +154,7 @@ pub fn after_attempt(
                 FailureKind::Unspecified,
                 String::new(),
             ),
-            AttemptEnd::Canceled { message } => {
+            AttemptEnd::Canceled { message, .. } => {
                 terminal(JobStatus::Canceled, FailureKind::Canceled, message.clone())
             }
             other => terminal(
@@ -163,10 +170,10 @@ pub fn after_attempt(
             FailureKind::Unspecified,
             String::new(),
         ),
-        AttemptEnd::Canceled { message } => {
+        AttemptEnd::Canceled { message, .. } => {
             terminal(JobStatus::Canceled, FailureKind::Canceled, message.clone())
         }
-        AttemptEnd::TimedOut { message } => {
+        AttemptEnd::TimedOut { message, .. } => {
             terminal(JobStatus::TimedOut, FailureKind::Timeout, message.clone())
         }
         AttemptEnd::Failed { kind, message, .. } => {
@@ -289,6 +296,7 @@ mod tests {
         ));
         let timeout = AttemptEnd::TimedOut {
             message: "deadline".into(),
+            exit_code: None,
         };
         assert!(matches!(
             after_attempt(JobStatus::Running, &timeout, 1, RETRY3, 0),

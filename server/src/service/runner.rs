@@ -162,6 +162,20 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
         Ok(Response::new(pb::AckCommandResponse {}))
     }
 
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let runner = self
+            .0
+            .auth
+            .runner(&self.0.store, request.metadata())
+            .await?;
+        Ok(Response::new(
+            runners::deregister(&self.0, runner, &request.get_ref().reason).await?,
+        ))
+    }
+
     type SessionStream = ReceiverStream<Result<pb::SessionResponse, Status>>;
 
     async fn session(

@@ -1,0 +1,443 @@
+//! The `docker` executor: the job in a container on the runner's Docker engine (bollard).
+//!
+//! Phases, reported as events: PULLING (per the pull policy), CREATING, STARTING, RUNNING,
+//! STOPPING (cancel, timeout, drain), REMOVING. The container gets the job's command
+//! (entrypoint), args (CMD), env plus `GANTRY_JOB_ID`, `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`,
+//! working dir, memory and CPU limits, and the labels `gantry.job-id`, `gantry.attempt`,
+//! `gantry.runner-id`, `gantry.lease-id`. Output is attached before the start, so no byte is
+//! missed. A stop is `docker stop` with the grace period (the image's stop signal, then
+//! SIGKILL). The container is removed when the attempt ends; containers a crashed runner left
+//! behind are removed when it starts again ([`DockerExecutor::remove_orphans`]).
+use std::{collections::HashMap, time::Duration};
+
+use bollard::{
+    Docker,
+    container::LogOutput,
+    errors::Error as DockerError,
+    models::{ContainerCreateBody, HostConfig},
+    query_parameters::{
+        AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions,
+        RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    },
+};
+use futures::{StreamExt, future::BoxFuture};
+use gantry_proto as pb;
+
+use super::{Executor, Io, Outcome, StopSignal, Work, stop_requested};
+
+/// Label naming the runner that created a container.
+pub const LABEL_RUNNER: &str = "gantry.runner-id";
+/// Label naming the job of a container.
+pub const LABEL_JOB: &str = "gantry.job-id";
+/// Label naming the attempt number of a container.
+pub const LABEL_ATTEMPT: &str = "gantry.attempt";
+/// Label naming the lease of a container's attempt.
+pub const LABEL_LEASE: &str = "gantry.lease-id";
+
+/// Runs jobs in containers.
+pub struct DockerExecutor {
+    docker: Docker,
+    /// Longest a pull may take before the attempt fails with IMAGE_UNAVAILABLE.
+    pull_timeout: Duration,
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// `image` with a tag: a pull without one would fetch every tag.
+fn with_tag(image: &str) -> (String, String) {
+    if image.contains('@') {
+        return (image.to_string(), String::new());
+    }
+    let last = image.rsplit('/').next().unwrap_or(image);
+    match last.rsplit_once(':') {
+        Some((_, tag)) => {
+            let repo = &image[..image.len() - tag.len() - 1];
+            (repo.to_string(), tag.to_string())
+        }
+        None => (image.to_string(), "latest".to_string()),
+    }
+}
+
+impl DockerExecutor {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and checks that it
+    /// answers.
+    pub async fn connect(pull_timeout: Duration) -> anyhow::Result<Self> {
+        let docker = Docker::connect_with_local_defaults().map_err(|e| {
+            anyhow::anyhow!("the docker executor needs a Docker engine: {e} (offer only `--executors process` to run without one)")
+        })?;
+        docker.ping().await.map_err(|e| {
+            anyhow::anyhow!("the Docker engine does not answer: {e} (offer only `--executors process` to run without one)")
+        })?;
+        Ok(Self {
+            docker,
+            pull_timeout,
+        })
+    }
+
+    /// Removes every container labelled with one of `runner_ids` (a runner holds no attempt
+    /// when it starts, so any such container was left behind by a crash). Returns how many.
+    pub async fn remove_orphans(&self, runner_ids: &[String]) -> anyhow::Result<usize> {
+        let mut removed = 0;
+        for id in runner_ids {
+            let filters =
+                HashMap::from([("label".to_string(), vec![format!("{LABEL_RUNNER}={id}")])]);
+            let containers = self
+                .docker
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(filters),
+                    ..Default::default()
+                }))
+                .await?;
+            for c in containers {
+                let Some(cid) = c.id else { continue };
+                let labels = c.labels.unwrap_or_default();
+                tracing::info!(
+                    container = %cid,
+                    job = labels.get(LABEL_JOB).map(String::as_str).unwrap_or("?"),
+                    attempt = labels.get(LABEL_ATTEMPT).map(String::as_str).unwrap_or("?"),
+                    "removing a container this runner left behind"
+                );
+                match self
+                    .docker
+                    .remove_container(&cid, Some(force_remove()))
+                    .await
+                {
+                    Ok(()) => removed += 1,
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Makes sure the image is there, per the pull policy. `Err` is the failure to report.
+    async fn ensure_image(
+        &self,
+        spec: &pb::JobSpec,
+        io: &mut Io,
+        stop: &mut StopSignal,
+    ) -> Result<(), Outcome> {
+        let image = &spec.image;
+        let present = match self.docker.inspect_image(image).await {
+            Ok(_) => true,
+            Err(e) if is_not_found(&e) => false,
+            Err(e) => {
+                return Err(Outcome::failed(
+                    pb::FailureKind::ExecutorError,
+                    format!("inspecting image {image}: {e}"),
+                ));
+            }
+        };
+        let policy = pb::PullPolicy::try_from(spec.pull_policy).unwrap_or_default();
+        let pull = match policy {
+            pb::PullPolicy::Always => true,
+            pb::PullPolicy::Never => false,
+            pb::PullPolicy::IfNotPresent | pb::PullPolicy::Unspecified => !present,
+        };
+        if !pull {
+            return if present {
+                Ok(())
+            } else {
+                Err(Outcome::failed(
+                    pb::FailureKind::ImageUnavailable,
+                    format!(
+                        "image {image} is not present on this runner's engine and the pull policy is NEVER"
+                    ),
+                ))
+            };
+        }
+        io.phase(pb::ExecutorPhase::Pulling, image.as_str()).await;
+        let (repo, tag) = with_tag(image);
+        let options = CreateImageOptions {
+            from_image: Some(repo),
+            tag: (!tag.is_empty()).then_some(tag),
+            ..Default::default()
+        };
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        let pulled = async {
+            while let Some(item) = progress.next().await {
+                item?;
+            }
+            Ok::<(), DockerError>(())
+        };
+        tokio::select! {
+            r = tokio::time::timeout(self.pull_timeout, pulled) => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(Outcome::failed(
+                    pb::FailureKind::ImageUnavailable,
+                    format!("pulling image {image}: {e}"),
+                )),
+                Err(_) => Err(Outcome::failed(
+                    pb::FailureKind::ImageUnavailable,
+                    format!("pulling image {image}: no result within {} s", self.pull_timeout.as_secs()),
+                )),
+            },
+            s = stop_requested(stop) => Err(Outcome::failed(
+                pb::FailureKind::Canceled,
+                format!("stopped while pulling image {image}: {}", s.message),
+            )),
+        }
+    }
+
+    fn container_body(work: &Work) -> ContainerCreateBody {
+        let spec = &work.spec;
+        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.extend(work.gantry_env().iter().map(|(k, v)| format!("{k}={v}")));
+        let labels = HashMap::from([
+            (LABEL_JOB.to_string(), work.job_id.clone()),
+            (LABEL_ATTEMPT.to_string(), work.attempt.to_string()),
+            (LABEL_RUNNER.to_string(), work.runner_id.clone()),
+            (LABEL_LEASE.to_string(), work.lease_id.clone()),
+        ]);
+        let limits = spec.resources.unwrap_or_default();
+        let memory = i64::try_from(limits.memory_bytes).ok().filter(|m| *m > 0);
+        let host_config = HostConfig {
+            memory,
+            // No swap beyond the memory limit: the limit means what it says.
+            memory_swap: memory,
+            nano_cpus: (limits.cpu_millis > 0).then(|| i64::from(limits.cpu_millis) * 1_000_000),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(spec.image.clone()),
+            entrypoint: (!spec.command.is_empty()).then(|| spec.command.clone()),
+            cmd: (!spec.args.is_empty()).then(|| spec.args.clone()),
+            env: Some(env),
+            labels: Some(labels),
+            working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(false),
+            open_stdin: Some(false),
+            host_config: Some(host_config),
+            ..Default::default()
+        }
+    }
+
+    async fn execute(&self, work: &Work, io: &mut Io, mut stop: StopSignal) -> Outcome {
+        if work.spec.image.is_empty() {
+            return Outcome::failed(
+                pb::FailureKind::InvalidSpec,
+                "spec.image is required by the docker executor",
+            );
+        }
+        if let Err(failed) = self.ensure_image(&work.spec, io, &mut stop).await {
+            return failed;
+        }
+        if let Some(s) = stop.borrow().clone() {
+            return Outcome::failed(pb::FailureKind::Canceled, s.message);
+        }
+        io.phase(pb::ExecutorPhase::Creating, work.spec.image.as_str())
+            .await;
+        let name = format!("gantry-{}-{}", work.job_id, work.attempt);
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptions {
+                    name: Some(name),
+                    ..Default::default()
+                }),
+                Self::container_body(work),
+            )
+            .await;
+        let id = match created {
+            Ok(c) => c.id,
+            Err(e) => {
+                // An image that vanished between the check and the create is unavailable.
+                let kind = if is_not_found(&e) {
+                    pb::FailureKind::ImageUnavailable
+                } else {
+                    pb::FailureKind::ExecutorError
+                };
+                return Outcome::failed(kind, format!("creating the container: {e}"));
+            }
+        };
+        let outcome = self.attach_and_run(&id, io, &mut stop).await;
+        io.phase(pb::ExecutorPhase::Removing, short(&id)).await;
+        if let Err(e) = self
+            .docker
+            .remove_container(&id, Some(force_remove()))
+            .await
+            && !is_not_found(&e)
+        {
+            tracing::warn!(container = %id, error = %e, "removing the container");
+        }
+        outcome
+    }
+
+    async fn attach_and_run(&self, id: &str, io: &mut Io, stop: &mut StopSignal) -> Outcome {
+        let attached = self
+            .docker
+            .attach_container(
+                id,
+                Some(AttachContainerOptions {
+                    stdout: true,
+                    stderr: true,
+                    stream: true,
+                    logs: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+        let mut output = match attached {
+            Ok(a) => a.output,
+            Err(e) => {
+                return Outcome::failed(
+                    pb::FailureKind::ExecutorError,
+                    format!("attaching to the container: {e}"),
+                );
+            }
+        };
+        io.phase(pb::ExecutorPhase::Starting, short(id)).await;
+        if let Err(e) = self.docker.start_container(id, None).await {
+            return Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("starting the container: {e}"),
+            );
+        }
+        io.started(short(id)).await;
+
+        let mut wait = self.docker.wait_container(
+            id,
+            Some(WaitContainerOptions {
+                condition: "not-running".to_string(),
+            }),
+        );
+        let stopper = futures::future::Fuse::terminated();
+        tokio::pin!(stopper);
+        let mut stopping = false;
+        let mut output_open = true;
+        let waited = loop {
+            tokio::select! {
+                w = wait.next() => break w,
+                chunk = output.next(), if output_open => match chunk {
+                    Some(Ok(LogOutput::StdOut { message })) => io.output(pb::LogStream::Stdout, &message).await,
+                    Some(Ok(LogOutput::StdErr { message })) => io.output(pb::LogStream::Stderr, &message).await,
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::warn!(container = %id, error = %e, "reading the container's output");
+                        output_open = false;
+                    }
+                    None => output_open = false,
+                },
+                s = stop_requested(stop), if !stopping => {
+                    stopping = true;
+                    let grace = s.grace.as_secs();
+                    io.phase(pb::ExecutorPhase::Stopping, format!("stop signal, then SIGKILL after {grace} s")).await;
+                    let t = i32::try_from(grace).unwrap_or(i32::MAX);
+                    let docker = self.docker.clone();
+                    let id = id.to_string();
+                    stopper.set(futures::FutureExt::fuse(async move {
+                        docker.stop_container(&id, Some(StopContainerOptions { t: Some(t), signal: None })).await
+                    }));
+                }
+                r = &mut stopper => {
+                    if let Err(e) = r && !is_not_found(&e) {
+                        tracing::warn!(container = %id, error = %e, "stopping the container");
+                    }
+                }
+            }
+        };
+        // The attach stream ends with the container: read what is left of it.
+        while output_open {
+            match output.next().await {
+                Some(Ok(LogOutput::StdOut { message })) => {
+                    io.output(pb::LogStream::Stdout, &message).await
+                }
+                Some(Ok(LogOutput::StdErr { message })) => {
+                    io.output(pb::LogStream::Stderr, &message).await
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => output_open = false,
+            }
+        }
+        let waited_code = match waited {
+            Some(Ok(r)) => Some(r.status_code),
+            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Some(code),
+            Some(Err(e)) => {
+                tracing::warn!(container = %id, error = %e, "waiting for the container");
+                None
+            }
+            None => None,
+        };
+        let state = self
+            .docker
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state);
+        let oom_killed = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
+        let code = waited_code.or_else(|| state.as_ref().and_then(|s| s.exit_code));
+        match code {
+            Some(code) => Outcome::Exited {
+                code: i32::try_from(code).unwrap_or(i32::MAX),
+                oom_killed,
+            },
+            None => Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("lost track of container {}", short(id)),
+            ),
+        }
+    }
+}
+
+fn force_remove() -> RemoveContainerOptions {
+    RemoveContainerOptions {
+        force: true,
+        v: true,
+        ..Default::default()
+    }
+}
+
+/// The short form of a container id, as `docker ps` shows it.
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+impl Executor for DockerExecutor {
+    fn kind(&self) -> pb::ExecutorKind {
+        pb::ExecutorKind::Docker
+    }
+
+    fn run<'a>(
+        &'a self,
+        work: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.execute(work, io, stop))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_tag;
+
+    #[test]
+    fn pulls_name_a_tag() {
+        assert_eq!(with_tag("alpine"), ("alpine".into(), "latest".into()));
+        assert_eq!(with_tag("alpine:3.20"), ("alpine".into(), "3.20".into()));
+        assert_eq!(
+            with_tag("localhost:5000/team/app"),
+            ("localhost:5000/team/app".into(), "latest".into())
+        );
+        assert_eq!(
+            with_tag("localhost:5000/team/app:v1"),
+            ("localhost:5000/team/app".into(), "v1".into())
+        );
+        assert_eq!(
+            with_tag("app@sha256:abc"),
+            ("app@sha256:abc".into(), String::new())
+        );
+    }
+}

@@ -1,0 +1,234 @@
+//! Executors: how a job's work runs. Each executor is behind [`Executor`]; the job's spec says
+//! which one it wants and the runner says which ones it offers.
+//!
+//! An executor runs one attempt from start to end: it prepares the sandbox, reports its
+//! phases and the RUNNING status through [`Io`], streams output into it, and returns how the
+//! work ended. It watches [`StopSignal`] the whole time: when a stop is requested (cancel,
+//! timeout, drain, lost lease) it sends the graceful signal, waits up to the stop's grace,
+//! then kills, and returns.
+pub mod docker;
+pub mod process;
+
+use std::{sync::Arc, time::Duration};
+
+use futures::future::BoxFuture;
+use gantry_proto as pb;
+use tokio::sync::watch;
+
+use crate::{
+    outbox::Outbox,
+    output::{OutputStream, Piece},
+};
+
+/// Largest log report the runner makes (the server takes up to 1 MiB).
+const MAX_LOG_REPORT: usize = 256 * 1024;
+
+/// A timer that is not meant to fire (a year).
+pub(crate) const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Why work is being stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// A user canceled the job.
+    Cancel,
+    /// The job ran past its timeout.
+    Timeout,
+    /// The runner is draining and the drain grace ran out.
+    Drain,
+    /// The server no longer honours the lease: nothing more is reported.
+    LeaseLost,
+}
+
+/// A request to stop work.
+#[derive(Clone, Debug)]
+pub struct Stop {
+    /// Why.
+    pub reason: StopReason,
+    /// Time between the graceful signal and the kill.
+    pub grace: Duration,
+    /// Detail for the final status message.
+    pub message: String,
+}
+
+/// The stop request of one attempt, if any (first request wins, a lost lease overrides).
+pub type StopSignal = watch::Receiver<Option<Stop>>;
+
+/// Waits until a stop is requested and returns it.
+pub async fn stop_requested(stop: &mut StopSignal) -> Stop {
+    loop {
+        if let Some(s) = stop.borrow_and_update().clone() {
+            return s;
+        }
+        if stop.changed().await.is_err() {
+            // The sender is gone: nobody can ask any more; wait forever.
+            futures::future::pending::<()>().await;
+        }
+    }
+}
+
+/// One attempt to execute.
+#[derive(Clone, Debug)]
+pub struct Work {
+    /// Job id.
+    pub job_id: String,
+    /// Attempt number.
+    pub attempt: u32,
+    /// Lease of the attempt.
+    pub lease_id: String,
+    /// This runner's id.
+    pub runner_id: String,
+    /// What to run.
+    pub spec: pb::JobSpec,
+}
+
+impl Work {
+    /// Environment variables the runner adds for every job.
+    pub fn gantry_env(&self) -> [(&'static str, String); 3] {
+        [
+            ("GANTRY_JOB_ID", self.job_id.clone()),
+            ("GANTRY_ATTEMPT", self.attempt.to_string()),
+            ("GANTRY_RUNNER_ID", self.runner_id.clone()),
+        ]
+    }
+}
+
+/// How the work ended, as the executor saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The work exited (on its own, or after a stop was requested).
+    Exited {
+        /// Exit code (128 + signal number when a process was killed by a signal).
+        code: i32,
+        /// The engine killed it for exceeding its memory limit.
+        oom_killed: bool,
+    },
+    /// The executor could not run the work.
+    Failed {
+        /// Why (`executor_error`, `image_unavailable`, `invalid_spec` …).
+        kind: pb::FailureKind,
+        /// In words.
+        message: String,
+    },
+}
+
+impl Outcome {
+    /// An executor failure.
+    pub fn failed(kind: pb::FailureKind, message: impl Into<String>) -> Self {
+        Outcome::Failed {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Runs jobs of one executor kind.
+pub trait Executor: Send + Sync {
+    /// The kind it implements.
+    fn kind(&self) -> pb::ExecutorKind;
+    /// Runs one attempt to its end.
+    fn run<'a>(
+        &'a self,
+        work: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome>;
+}
+
+/// The executors a runner offers.
+pub type Executors = Vec<Arc<dyn Executor>>;
+
+/// Where an executor reports phases, the start of the work and its output.
+pub struct Io {
+    outbox: Arc<Outbox>,
+    lease_id: String,
+    stdout: OutputStream,
+    stderr: OutputStream,
+    /// False once the server refused the attempt: the work is being stopped.
+    held: bool,
+}
+
+impl Io {
+    /// Reports for the attempt of `lease_id` go to `outbox`.
+    pub fn new(outbox: Arc<Outbox>, lease_id: &str) -> Self {
+        Self {
+            outbox,
+            lease_id: lease_id.to_string(),
+            stdout: OutputStream::default(),
+            stderr: OutputStream::default(),
+            held: true,
+        }
+    }
+
+    async fn push(&mut self, body: pb::report::Body) {
+        if self.held {
+            self.held = self.outbox.push(&self.lease_id, body).await;
+        }
+    }
+
+    /// The executor entered a phase.
+    pub async fn phase(&mut self, phase: pb::ExecutorPhase, message: impl Into<String>) {
+        self.push(pb::report::Body::Phase(pb::PhaseChange {
+            phase: phase as i32,
+            message: message.into(),
+        }))
+        .await;
+    }
+
+    /// The work started: reports RUNNING with its container or process id.
+    pub async fn started(&mut self, container_id: &str) {
+        self.push(pb::report::Body::Status(pb::StatusReport {
+            status: pb::JobStatus::Running as i32,
+            container_id: container_id.to_string(),
+            ..Default::default()
+        }))
+        .await;
+        self.phase(pb::ExecutorPhase::Running, container_id).await;
+    }
+
+    /// Output bytes of the work.
+    pub async fn output(&mut self, stream: pb::LogStream, data: &[u8]) {
+        let pieces = self.stream(stream).feed(data);
+        self.report(stream, pieces).await;
+    }
+
+    /// The output streams ended: releases anything held back.
+    pub async fn finish_output(&mut self) {
+        for stream in [pb::LogStream::Stdout, pb::LogStream::Stderr] {
+            let pieces = self.stream(stream).finish();
+            self.report(stream, pieces).await;
+        }
+    }
+
+    /// The final status of the attempt.
+    pub async fn finish(&mut self, status: pb::StatusReport) {
+        self.finish_output().await;
+        self.push(pb::report::Body::Status(status)).await;
+    }
+
+    fn stream(&mut self, stream: pb::LogStream) -> &mut OutputStream {
+        match stream {
+            pb::LogStream::Stderr => &mut self.stderr,
+            _ => &mut self.stdout,
+        }
+    }
+
+    async fn report(&mut self, stream: pb::LogStream, pieces: Vec<Piece>) {
+        for piece in pieces {
+            match piece {
+                Piece::Log { offset, data } => {
+                    let mut at = offset;
+                    for part in data.chunks(MAX_LOG_REPORT) {
+                        self.push(pb::report::Body::Log(pb::LogData {
+                            stream: stream as i32,
+                            offset: at,
+                            data: part.to_vec(),
+                        }))
+                        .await;
+                        at += part.len() as u64;
+                    }
+                }
+                Piece::Progress(p) => self.push(pb::report::Body::Progress(p)).await,
+            }
+        }
+    }
+}

@@ -1,0 +1,212 @@
+//! The `process` executor: the job's command as a local process in its own process group.
+//!
+//! The process inherits the runner's environment minus every `GANTRY_*` variable (the
+//! runner's tokens stay with the runner), plus the job's `env` and `GANTRY_JOB_ID`,
+//! `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`. Without a `working_dir` it runs in a fresh scratch
+//! directory that is removed afterwards. A stop sends SIGTERM to the whole group, then SIGKILL
+//! after the grace period; when the main process exits, whatever it left running in its group
+//! is killed too, so no stray process outlives its job.
+use std::{path::PathBuf, process::Stdio};
+
+use futures::future::BoxFuture;
+use gantry_proto as pb;
+use nix::{sys::signal::Signal, unistd::Pid};
+use tokio::{io::AsyncReadExt, sync::mpsc};
+
+use super::{Executor, Io, Outcome, StopSignal, Work, stop_requested};
+
+/// Output read at a time from a pipe.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Runs jobs as local processes.
+pub struct ProcessExecutor {
+    /// Scratch directories are made under this one.
+    work_root: PathBuf,
+}
+
+impl ProcessExecutor {
+    /// Scratch directories go under `work_root`.
+    pub fn new(work_root: PathBuf) -> Self {
+        Self { work_root }
+    }
+}
+
+impl Executor for ProcessExecutor {
+    fn kind(&self) -> pb::ExecutorKind {
+        pb::ExecutorKind::Process
+    }
+
+    fn run<'a>(
+        &'a self,
+        work: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome> {
+        Box::pin(self.execute(work, io, stop))
+    }
+}
+
+/// Sends `signal` to the process group `pgid`; a group that is already gone is fine.
+fn signal_group(pgid: Pid, signal: Signal) {
+    if let Err(e) = nix::sys::signal::killpg(pgid, signal)
+        && e != nix::errno::Errno::ESRCH
+    {
+        tracing::warn!(%pgid, ?signal, error = %e, "signalling the job's process group");
+    }
+}
+
+/// Reads a pipe into `tx` until it ends.
+async fn pump(
+    mut pipe: impl tokio::io::AsyncRead + Unpin,
+    stream: pb::LogStream,
+    tx: mpsc::Sender<(pb::LogStream, Vec<u8>)>,
+) {
+    let mut buf = vec![0u8; READ_BUFFER];
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) => return,
+            Ok(n) => {
+                if tx.send((stream, buf[..n].to_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(?stream, error = %e, "reading the job's output");
+                return;
+            }
+        }
+    }
+}
+
+impl ProcessExecutor {
+    async fn execute(&self, work: &Work, io: &mut Io, mut stop: StopSignal) -> Outcome {
+        let spec = &work.spec;
+        let Some((program, first_args)) = spec.command.split_first() else {
+            return Outcome::failed(
+                pb::FailureKind::InvalidSpec,
+                "spec.command is required by the process executor",
+            );
+        };
+        io.phase(pb::ExecutorPhase::Creating, program.as_str())
+            .await;
+        let scratch = if spec.working_dir.is_empty() {
+            let dir = self.work_root.join(&work.lease_id);
+            if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+                return Outcome::failed(
+                    pb::FailureKind::ExecutorError,
+                    format!("cannot create the scratch directory {}: {e}", dir.display()),
+                );
+            }
+            Some(dir)
+        } else {
+            None
+        };
+        let dir = scratch
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(&spec.working_dir));
+
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(first_args)
+            .args(&spec.args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("GANTRY_") {
+                cmd.env_remove(name);
+            }
+        }
+        cmd.envs(&spec.env).envs(work.gantry_env());
+
+        io.phase(pb::ExecutorPhase::Starting, program.as_str())
+            .await;
+        let outcome = match cmd.spawn() {
+            Ok(child) => self.supervise(child, io, &mut stop).await,
+            Err(e) => Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("cannot start `{program}` in {}: {e}", dir.display()),
+            ),
+        };
+        if let Some(dir) = scratch
+            && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing the scratch directory");
+        }
+        outcome
+    }
+
+    async fn supervise(
+        &self,
+        mut child: tokio::process::Child,
+        io: &mut Io,
+        stop: &mut StopSignal,
+    ) -> Outcome {
+        let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+            return Outcome::failed(pb::FailureKind::ExecutorError, "the process has no id");
+        };
+        let pgid = Pid::from_raw(pid);
+        io.started(&pid.to_string()).await;
+
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut pumps = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            pumps.push(tokio::spawn(pump(out, pb::LogStream::Stdout, tx.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            pumps.push(tokio::spawn(pump(err, pb::LogStream::Stderr, tx.clone())));
+        }
+        drop(tx);
+
+        let kill_at = tokio::time::sleep(super::NEVER);
+        tokio::pin!(kill_at);
+        let mut stopping = false;
+        let mut output_open = true;
+        let status = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                chunk = rx.recv(), if output_open => match chunk {
+                    Some((stream, data)) => io.output(stream, &data).await,
+                    None => output_open = false,
+                },
+                s = stop_requested(stop), if !stopping => {
+                    stopping = true;
+                    io.phase(pb::ExecutorPhase::Stopping, format!("SIGTERM, then SIGKILL after {} s", s.grace.as_secs())).await;
+                    signal_group(pgid, Signal::SIGTERM);
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + s.grace);
+                }
+                _ = &mut kill_at, if stopping => {
+                    signal_group(pgid, Signal::SIGKILL);
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + super::NEVER);
+                }
+            }
+        };
+        // Anything the job left behind in its group goes with it (and closes the pipes).
+        signal_group(pgid, Signal::SIGKILL);
+        while let Some((stream, data)) = rx.recv().await {
+            io.output(stream, &data).await;
+        }
+        for p in pumps {
+            let _ = p.await;
+        }
+        match status {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                let code = status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(-1);
+                Outcome::Exited {
+                    code,
+                    oom_killed: false,
+                }
+            }
+            Err(e) => Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("waiting for process {pid}: {e}"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! `gantry-runner`: executes Gantry jobs.
+//!
+//! A runner registers with the server once (its identity is kept in its state directory),
+//! then holds one bidirectional `Session` stream: it grants credits for its free slots,
+//! receives assignments and pushed commands (cancel, drain), heartbeats, and reports each
+//! attempt's status, executor phases, progress and output with per-attempt sequence
+//! numbers, resending whatever the server has not acknowledged after a reconnect.
+//!
+//! Modules: [`agent`] (the session and the work it holds), [`job`] (one attempt: executor,
+//! timeout, final status), [`executor`] (docker, process), [`output`] (log chunks and the
+//! progress syntax), [`outbox`] (unacknowledged reports), [`identity`] (the state file),
+//! [`config`].
+pub mod agent;
+pub mod config;
+pub mod executor;
+pub mod identity;
+pub mod job;
+pub mod outbox;
+pub mod output;
+
+pub use agent::{Exit, Runner, Signal};
+pub use config::Config;
