@@ -267,7 +267,7 @@ pub async fn busybox_image() -> String {
             std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
             for applet in [
                 "sh", "sleep", "echo", "cat", "printf", "seq", "head", "tail", "true", "false",
-                "env", "ls", "touch", "test", "[", "kill", "wc",
+                "env", "ls", "touch", "test", "[", "kill", "wc", "yes", "tr", "pwd",
             ] {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
             }
@@ -448,5 +448,73 @@ impl ServerProcess {
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+/// A TCP proxy on loopback standing for the network between a runner and the server. `cut`
+/// turns it into a black hole (connections stay open but nothing crosses, as when a cable is
+/// pulled); `restore` drops the black-holed connections and forwards new ones again.
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: std::net::SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Forwards connections to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (cut, cut_rx) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    // A connection made while cut is held until restored, then dropped.
+                    if *cut_rx.borrow_and_update() {
+                        let _ = cut_rx.wait_for(|cut| !cut).await;
+                        return;
+                    }
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = async { cut_rx.wait_for(|cut| *cut).await.map(|_| ()) } => {
+                            // Black hole: hold both ends, forward nothing, until restored.
+                            let _ = cut_rx.wait_for(|cut| !cut).await;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { addr, cut, task }
+    }
+
+    /// `http://addr`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Nothing crosses any more.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Traffic flows again (connections from before are gone).
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

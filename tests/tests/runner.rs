@@ -5,8 +5,8 @@ use gantry_proto as pb;
 use gantry_tests::{
     Db, TestServer, get, logs,
     procs::{
-        RunnerProcess, ServerProcess, busybox_image, containers_with_label, docker_sh, eventually,
-        wait_for_output,
+        Proxy, RunnerProcess, ServerProcess, busybox_image, containers_with_label, docker_sh,
+        eventually, wait_for_output,
     },
     sh, submit, wait_for_status,
 };
@@ -569,6 +569,9 @@ async fn an_image_that_cannot_be_had_fails_cleanly() {
                 .await
                 .is_empty()
         );
+        let pulled =
+            phases(&all_events(&mut jobs, &id).await).contains(&pb::ExecutorPhase::Pulling);
+        assert_eq!(pulled, policy == pb::PullPolicy::IfNotPresent, "{policy:?}");
     }
     server.stop().await;
 }
@@ -724,5 +727,177 @@ async fn an_idle_runner_leaves_after_its_idle_timeout() {
         .into_inner();
     assert_eq!(r.state, pb::RunnerState::Offline as i32);
     assert!(runner.log().contains("idle for 1 s"), "{}", runner.log());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_loss_within_the_lease_loses_nothing() {
+    let server = TestServer::start_with(Db::Sqlite, |c| c.lease_seconds = 30).await;
+    let mut jobs = server.jobs().await;
+    let network = Proxy::start(server.addr).await;
+    let runner = RunnerProcess::start_for(
+        &network.url(),
+        &server.registration_token,
+        "flaky",
+        &["--executors", "process", "--reconnect-max-ms", "200"],
+    );
+    let gate = tempfile::tempdir().expect("gate dir");
+    let (go, finished) = (gate.path().join("go"), gate.path().join("finished"));
+    let script = format!(
+        "for i in $(seq 1 100); do echo before-$i; done; \
+         while [ ! -e {go} ]; do sleep 0.05; done; \
+         for i in $(seq 1 100); do echo during-$i; done; touch {finished}",
+        go = go.display(),
+        finished = finished.display()
+    );
+    let id = submit(&mut jobs, sh(&script)).await;
+    wait_for_output(&mut jobs, &id, "before-100\n").await;
+    network.cut();
+    std::fs::write(&go, b"").expect("open the gate");
+    eventually("the job finishes while the network is down", || async {
+        finished.exists().then_some(())
+    })
+    .await;
+    network.restore();
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    let want: String = (1..=100)
+        .map(|i| format!("before-{i}\n"))
+        .chain((1..=100).map(|i| format!("during-{i}\n")))
+        .collect();
+    let (out, _) = logs(&mut jobs, &id).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        want,
+        "runner log:\n{}",
+        runner.log()
+    );
+    let events = all_events(&mut jobs, &id).await;
+    assert_eq!(transitions_to(&events, JobStatus::Succeeded), 1);
+    assert_eq!(get(&mut jobs, &id).await.attempts.len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_cut_off_past_its_lease_stops_the_work_it_lost() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let mut jobs = server.jobs().await;
+    let network = Proxy::start(server.addr).await;
+    let cut_off = RunnerProcess::start_for(
+        &network.url(),
+        &server.registration_token,
+        "cut-off",
+        &["--executors", "docker", "--reconnect-max-ms", "200"],
+    );
+    let cut_off_id = cut_off.id().await;
+    let mut spec = docker_sh(
+        "if [ \"$GANTRY_ATTEMPT\" = 1 ]; then echo attempt-one; sleep 300; fi; echo attempt-two",
+    )
+    .await;
+    spec.retry = Some(pb::RetryPolicy {
+        max_attempts: 2,
+        ..Default::default()
+    });
+    let id = submit(&mut jobs, spec).await;
+    wait_for_output(&mut jobs, &id, "attempt-one").await;
+    network.cut();
+    let _other = RunnerProcess::start(&server, "other", &["--executors", "docker"]);
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(job.attempts[0].runner_id, cut_off_id);
+    assert_eq!(
+        job.attempts[0].failure_kind,
+        pb::FailureKind::RunnerLost as i32
+    );
+    let first_lease = format!("gantry.lease-id={}", job.attempts[0].lease_id);
+    // The first attempt's container still runs on the cut-off runner...
+    assert_eq!(containers_with_label(&first_lease).await.len(), 1);
+    // ...until it is back and learns that its lease is gone: it stops that work.
+    network.restore();
+    eventually(
+        "the cut-off runner stops the work of its lost lease",
+        || async {
+            containers_with_label(&first_lease)
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(cut_off.log().contains("lease lost"), "{}", cut_off.log());
+    assert_eq!(logs(&mut jobs, &id).await.0, b"attempt-two\n");
+    let events = all_events(&mut jobs, &id).await;
+    assert_eq!(transitions_to(&events, JobStatus::Succeeded), 1);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_past_its_memory_limit_is_reported_oom_killed() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let mut jobs = server.jobs().await;
+    let _runner = RunnerProcess::start(&server, "oom", &["--executors", "docker"]);
+    // The shell keeps 256 MiB of output in a variable under a 16 MiB limit.
+    let mut spec = docker_sh("echo filling; x=$(yes | head -c 268435456); echo survived").await;
+    spec.resources = Some(pb::Resources {
+        memory_bytes: 16 * 1024 * 1024,
+        cpu_millis: 500,
+    });
+    let id = submit(&mut jobs, spec).await;
+    wait_for_status(&mut jobs, &id, JobStatus::Failed).await;
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(
+        job.failure_kind,
+        pb::FailureKind::OomKilled as i32,
+        "{}",
+        job.failure_message
+    );
+    assert_eq!(logs(&mut jobs, &id).await.0, b"filling\n");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runner_reaches_a_tls_server_through_its_ca() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("write key");
+    let (c, k) = (crt.clone(), key.clone());
+    let server = TestServer::start_with(Db::Sqlite, move |cfg| {
+        cfg.tls_cert = Some(c);
+        cfg.tls_key = Some(k);
+    })
+    .await;
+    let url = format!("https://localhost:{}", server.addr.port());
+    let runner = RunnerProcess::start_for(
+        &url,
+        &server.registration_token,
+        "tls",
+        &[
+            "--executors",
+            "process",
+            "--tls-ca",
+            crt.to_str().expect("utf-8 path"),
+        ],
+    );
+    let runner_id = runner.id().await;
+    let tls = tonic::transport::Channel::from_shared(url)
+        .expect("url")
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem())),
+        )
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect over TLS");
+    let mut jobs = pb::job_service_client::JobServiceClient::with_interceptor(
+        tls,
+        gantry_tests::Bearer::new(&server.api_token),
+    );
+    let id = submit(&mut jobs, sh("echo over-tls")).await;
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    assert_eq!(get(&mut jobs, &id).await.attempts[0].runner_id, runner_id);
+    assert_eq!(logs(&mut jobs, &id).await.0, b"over-tls\n");
     server.stop().await;
 }
