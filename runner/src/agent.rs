@@ -121,6 +121,10 @@ struct Leaving {
     stop_work_at: Option<Instant>,
     /// When the runner stops waiting for acknowledgements, once its work is done.
     give_up_at: Option<Instant>,
+    /// The server has taken the drain in once this many heartbeats (queued after the
+    /// `drain` on the current stream) are answered: every assignment it pushed before has
+    /// arrived by then.
+    sync_heartbeat: Option<u64>,
 }
 
 /// What woke the runner's loop. (Short-lived, one at a time: the size of a server message
@@ -160,6 +164,9 @@ pub struct Runner {
     idle_since: Instant,
     heartbeat_every: Duration,
     lease: Duration,
+    /// Heartbeats queued and answered on the current stream (answers come in order).
+    heartbeats_queued: u64,
+    heartbeats_answered: u64,
 }
 
 fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
@@ -286,6 +293,8 @@ impl Runner {
             idle_since: Instant::now(),
             heartbeat_every: Duration::from_secs(10),
             lease: Duration::from_secs(30),
+            heartbeats_queued: 0,
+            heartbeats_answered: 0,
         })
     }
 
@@ -334,6 +343,13 @@ impl Runner {
                     registration,
                 )
                 .await?;
+                // Work from now on runs under the new id (work held under the old one is
+                // lost to it anyway).
+                self.ctx = Arc::new(job::Context {
+                    outbox: self.outbox.clone(),
+                    executors: self.ctx.executors.clone(),
+                    runner_id: self.identity.runner_id.clone(),
+                });
                 anyhow::bail!("registered anew as {}", self.identity.runner_id);
             }
             Err(status) => return Err(status.into()),
@@ -363,11 +379,8 @@ impl Runner {
         // What was queued for the previous stream: credits and heartbeats are superseded by
         // the hello, reports are sent again from the outbox; command acks still count.
         self.control.retain(|m| matches!(m, Out::CommandAck(_)));
-        if let Some(l) = &self.leaving {
-            self.control.push_back(Out::Drain(pb::SessionDrain {
-                reason: l.reason.clone(),
-            }));
-        }
+        (self.heartbeats_queued, self.heartbeats_answered) = (0, 0);
+        self.announce_leaving();
         self.outbox.resend_all();
         tracing::info!(runner = %self.identity.runner_id, held = self.jobs.len(), "session open");
     }
@@ -491,18 +504,18 @@ impl Runner {
                 }
                 Event::Done(lease, status) => self.on_done(&lease, status),
                 Event::Heartbeat => {
+                    // Every heartbeat is answered: two intervals of silence mean a dead
+                    // connection (or a stuck server), well before the leases run out.
                     let silent = last_heard.elapsed();
-                    if silent > self.lease {
+                    if silent > (self.heartbeat_every * 2).max(Duration::from_secs(2)) {
                         tracing::warn!(
                             ?silent,
-                            "no word from the server for a whole lease; reconnecting"
+                            "no word from the server for two heartbeats; reconnecting"
                         );
                         (tx, inbound) = (None, None);
                         retry_at = Instant::now();
                     } else if !self.control.iter().any(|m| matches!(m, Out::Heartbeat(_))) {
-                        self.control.push_back(Out::Heartbeat(pb::HeartbeatRequest {
-                            held: self.outbox.held(),
-                        }));
+                        self.queue_heartbeat();
                     }
                 }
                 Event::Signal(Signal::Drain(reason)) => self.drain(reason, false),
@@ -512,11 +525,16 @@ impl Runner {
                     let reason = format!("idle for {} s", self.config.idle_timeout_seconds);
                     self.drain(reason, false);
                 }
-                Event::GiveUp => {
+                Event::GiveUp if self.jobs.is_empty() => {
                     let held = self.outbox.held().len();
-                    tracing::error!(held, "leaving with reports the server has not acknowledged");
+                    tracing::error!(
+                        held,
+                        "leaving before the server acknowledged everything (it is unreachable or slow)"
+                    );
                     break self.exit();
                 }
+                // Work came in after the clock started: it runs first.
+                Event::GiveUp => {}
             }
         };
         drop((tx, inbound));
@@ -531,13 +549,17 @@ impl Runner {
         }
     }
 
-    /// The runner may leave: it is leaving, its work is done and acknowledged.
+    /// The runner may leave: it is leaving, the server has taken its drain in (so no
+    /// assignment is still on its way), and its work is done and acknowledged.
     fn finished(&mut self) -> Option<Exit> {
+        let answered = self.heartbeats_answered;
         let leaving = self.leaving.as_mut()?;
         if !self.jobs.is_empty() {
+            leaving.give_up_at = None;
             return None;
         }
-        if self.outbox.is_empty() {
+        let synced = leaving.sync_heartbeat.is_some_and(|n| answered >= n);
+        if synced && self.outbox.is_empty() {
             return Some(self.exit());
         }
         if leaving.give_up_at.is_none() {
@@ -600,6 +622,7 @@ impl Runner {
                 self.lease_lost(&r.lease_id, &r.message);
             }
             In::HeartbeatAck(h) => {
+                self.heartbeats_answered += 1;
                 for r in h.revoked {
                     self.lease_lost(&r.lease_id, "the server revoked the lease");
                 }
@@ -610,7 +633,10 @@ impl Runner {
     fn start(&mut self, a: pb::Assignment) {
         let spec = a.spec.clone().unwrap_or_default();
         tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
-        self.outbox.open(&a.job_id, &a.lease_id);
+        if !self.outbox.open(&a.job_id, &a.lease_id) {
+            tracing::warn!(job = %a.job_id, lease = %a.lease_id, "ignoring a second assignment of a lease already held");
+            return;
+        }
         let (stop, _) = watch::channel(None);
         self.jobs.insert(
             a.lease_id.clone(),
@@ -625,16 +651,23 @@ impl Runner {
                 reason: "--once: took its one job".to_string(),
                 stop_work_at: None,
                 give_up_at: None,
+                sync_heartbeat: None,
             });
-            self.control.push_back(Out::Drain(pb::SessionDrain {
-                reason: "--once: took its one job".to_string(),
-            }));
+            self.announce_leaving();
         }
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         let lease = a.lease_id.clone();
+        let job_id = a.job_id.clone();
         tokio::spawn(async move {
-            let status = job::run(ctx, a, stop).await;
+            // Whatever happens to the job's task, its slot comes back.
+            let status = match tokio::spawn(job::run(ctx, a, stop)).await {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::error!(job = %job_id, error = %e, "the job's task failed");
+                    None
+                }
+            };
             let _ = done.send((lease, status));
         });
     }
@@ -699,15 +732,36 @@ impl Runner {
             }
             None => {
                 tracing::info!(%reason, running = self.jobs.len(), grace = ?self.config.drain_grace(), "draining");
-                self.control.push_back(Out::Drain(pb::SessionDrain {
-                    reason: reason.clone(),
-                }));
                 self.leaving = Some(Leaving {
                     reason,
                     stop_work_at: Some(at),
                     give_up_at: None,
+                    sync_heartbeat: None,
                 });
+                self.announce_leaving();
             }
+        }
+    }
+
+    fn queue_heartbeat(&mut self) {
+        self.heartbeats_queued += 1;
+        self.control.push_back(Out::Heartbeat(pb::HeartbeatRequest {
+            held: self.outbox.held(),
+        }));
+    }
+
+    /// Tells the server (on the current stream) that the runner is leaving, followed by a
+    /// heartbeat whose answer proves the server has taken it in.
+    fn announce_leaving(&mut self) {
+        let Some(reason) = self.leaving.as_ref().map(|l| l.reason.clone()) else {
+            return;
+        };
+        self.control
+            .push_back(Out::Drain(pb::SessionDrain { reason }));
+        self.queue_heartbeat();
+        let target = self.heartbeats_queued;
+        if let Some(l) = &mut self.leaving {
+            l.sync_heartbeat = Some(target);
         }
     }
 
@@ -828,7 +882,10 @@ async fn register(
         }
     };
     identity.replace(response.runner_id, response.credential, registration);
-    identity::save(&config.state_dir, identity)?;
+    let (dir, saved) = (config.state_dir.clone(), identity.clone());
+    tokio::task::spawn_blocking(move || identity::save(&dir, &saved))
+        .await
+        .context("saving the identity")??;
     tracing::info!(runner = %identity.runner_id, name = %identity.registration.name, "registered");
     Ok(())
 }

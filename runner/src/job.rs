@@ -60,7 +60,7 @@ pub async fn run(
         runner_id: ctx.runner_id.clone(),
         spec,
     };
-    let mut io = Io::new(ctx.outbox.clone(), &work.lease_id);
+    let mut io = Io::new(ctx.outbox.clone(), &work.lease_id, stop_tx.subscribe());
     let kind = pb::ExecutorKind::try_from(work.spec.executor).unwrap_or_default();
     let executor = ctx.executors.iter().find(|e| e.kind() == kind).cloned();
     let timeout = Duration::from_secs(u64::from(work.spec.timeout_seconds));
@@ -127,7 +127,16 @@ pub fn final_status(outcome: Outcome, stop: Option<&Stop>) -> Option<pb::StatusR
             container_id: String::new(),
         })
     };
-    if let Some(stop) = stop {
+    // A lost lease reports nothing. Any other stop decides the status when it is what ended
+    // the work: the executor signalled the work, or the executor gave up (an interrupted
+    // pull). Work that exited on its own before the stop reached it keeps its own outcome.
+    let acted_on_stop = match &outcome {
+        Outcome::Exited { stopped, .. } => *stopped,
+        Outcome::Failed { .. } => true,
+    };
+    if let Some(stop) = stop
+        && (stop.reason == StopReason::LeaseLost || acted_on_stop)
+    {
         return match stop.reason {
             StopReason::LeaseLost => None,
             StopReason::Cancel => status(
@@ -151,6 +160,7 @@ pub fn final_status(outcome: Outcome, stop: Option<&Stop>) -> Option<pb::StatusR
         Outcome::Exited {
             oom_killed: true,
             code,
+            ..
         } => status(
             pb::JobStatus::Failed,
             pb::FailureKind::OomKilled,
@@ -186,6 +196,15 @@ mod tests {
         Outcome::Exited {
             code,
             oom_killed: false,
+            stopped: false,
+        }
+    }
+
+    fn stopped(code: i32) -> Outcome {
+        Outcome::Exited {
+            code,
+            oom_killed: false,
+            stopped: true,
         }
     }
 
@@ -206,6 +225,7 @@ mod tests {
             Outcome::Exited {
                 code: 137,
                 oom_killed: true,
+                stopped: false,
             },
             None,
         )
@@ -226,19 +246,22 @@ mod tests {
     }
 
     #[test]
-    fn a_stop_decides_the_status_whatever_the_exit() {
+    fn a_stop_the_executor_acted_on_decides_the_status_whatever_the_exit() {
         for (reason, want) in [
             (StopReason::Cancel, pb::JobStatus::Canceled),
             (StopReason::Timeout, pb::JobStatus::TimedOut),
             (StopReason::Drain, pb::JobStatus::Failed),
         ] {
-            let s = final_status(exited(0), Some(&stop(reason))).expect("reported");
+            let s = final_status(stopped(0), Some(&stop(reason))).expect("reported");
             assert_eq!(s.status, want as i32, "{reason:?}");
+            assert_eq!(s.exit_code, Some(0));
+            // Work that had already exited on its own keeps its outcome.
+            let s = final_status(exited(0), Some(&stop(reason))).expect("reported");
+            assert_eq!(s.status, pb::JobStatus::Succeeded as i32, "{reason:?}");
         }
-        assert_eq!(
-            final_status(exited(0), Some(&stop(StopReason::LeaseLost))),
-            None
-        );
+        let lost = stop(StopReason::LeaseLost);
+        assert_eq!(final_status(exited(0), Some(&lost)), None);
+        assert_eq!(final_status(stopped(1), Some(&lost)), None);
     }
 
     #[test]

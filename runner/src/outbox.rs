@@ -7,14 +7,17 @@
 //! merged report carries the higher sequence, as the protocol allows). The buffer is bounded:
 //! log output waits for acknowledgements once `limit` bytes are outstanding, which in turn
 //! stops reading the job's output (backpressure all the way to the job's pipe). Status,
-//! phase and progress reports are small and never wait, so a final status always gets in.
+//! phase and progress reports are small and never wait, and once the work is being stopped
+//! its output no longer waits either, so a stop and the final status are never held up.
 use std::{
     collections::{HashMap, VecDeque},
     sync::Mutex,
 };
 
 use gantry_proto as pb;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
+
+use crate::executor::Stop;
 
 /// Coalesced log reports stay below this size (the server takes up to 1 MiB per report).
 const COALESCE_MAX: usize = 512 * 1024;
@@ -79,9 +82,14 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts tracking an attempt (its lease is held from now on).
-    pub fn open(&self, job_id: &str, lease_id: &str) {
-        self.lock().attempts.insert(
+    /// Starts tracking an attempt (its lease is held from now on). Returns false when the
+    /// lease is already held (a duplicate assignment), which changes nothing.
+    pub fn open(&self, job_id: &str, lease_id: &str) -> bool {
+        let mut state = self.lock();
+        if state.attempts.contains_key(lease_id) {
+            return false;
+        }
+        state.attempts.insert(
             lease_id.to_string(),
             Queue {
                 job_id: job_id.to_string(),
@@ -90,11 +98,20 @@ impl Outbox {
                 finished: false,
             },
         );
+        true
     }
 
-    /// Queues a report. Log output waits while the buffer is full. Returns false when the
+    /// Queues a report. Log output waits while the buffer is full, unless the work is being
+    /// stopped (`stop` holds a request): its last output then goes in regardless, so that a
+    /// stop is never held up by a server that does not acknowledge. Returns false when the
     /// attempt is no longer held (fenced by the server): the caller stops the work.
-    pub async fn push(&self, lease_id: &str, body: pb::report::Body) -> bool {
+    pub async fn push(
+        &self,
+        lease_id: &str,
+        body: pb::report::Body,
+        stop: &mut watch::Receiver<Option<Stop>>,
+    ) -> bool {
+        let is_log = matches!(body, pb::report::Body::Log(_));
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
@@ -106,15 +123,22 @@ impl Outbox {
                 let Some(queue) = attempts.get_mut(lease_id) else {
                     return false;
                 };
-                let is_log = matches!(body, pb::report::Body::Log(_));
-                if !(is_log && full) {
+                if !(is_log && full) || stop.borrow().is_some() {
                     *bytes += queue.push(lease_id, body);
                     drop(state);
                     self.changed.notify_one();
                     return true;
                 }
             }
-            space.await;
+            tokio::select! {
+                _ = space => {}
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        // Nobody can ask for a stop any more: wait for space alone.
+                        self.space.notified().await;
+                    }
+                }
+            }
         }
     }
 
@@ -274,18 +298,22 @@ mod tests {
         })
     }
 
+    fn no_stop() -> watch::Receiver<Option<Stop>> {
+        watch::channel(None).1
+    }
+
     #[tokio::test]
     async fn unsent_log_chunks_coalesce_under_the_highest_sequence() {
         let o = Outbox::new(1 << 20);
         o.open("j", "l");
-        assert!(o.push("l", log(0, "ab")).await);
-        assert!(o.push("l", log(2, "cd")).await);
+        assert!(o.push("l", log(0, "ab"), &mut no_stop()).await);
+        assert!(o.push("l", log(2, "cd"), &mut no_stop()).await);
         let sent = o.take_unsent(usize::MAX);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].sequence, 2);
         assert!(matches!(&sent[0].body, Some(pb::report::Body::Log(l)) if l.data == b"abcd"));
         // Sent reports are never extended: the next chunk is a report of its own.
-        assert!(o.push("l", log(4, "ef")).await);
+        assert!(o.push("l", log(4, "ef"), &mut no_stop()).await);
         let sent = o.take_unsent(usize::MAX);
         assert_eq!(sent.iter().map(|r| r.sequence).collect::<Vec<_>>(), [3]);
     }
@@ -294,8 +322,8 @@ mod tests {
     async fn acks_settle_a_finished_attempt_and_resend_repeats_the_rest() {
         let o = Outbox::new(1 << 20);
         o.open("j", "l");
-        o.push("l", log(0, "ab")).await;
-        o.push("l", done()).await;
+        o.push("l", log(0, "ab"), &mut no_stop()).await;
+        o.push("l", done(), &mut no_stop()).await;
         assert_eq!(o.take_unsent(usize::MAX).len(), 2);
         assert!(o.take_unsent(usize::MAX).is_empty());
         o.ack("l", 1);
@@ -311,24 +339,50 @@ mod tests {
     async fn a_full_buffer_holds_log_output_until_acknowledged() {
         let o = std::sync::Arc::new(Outbox::new(100));
         o.open("j", "l");
-        assert!(o.push("l", log(0, &"x".repeat(200))).await);
+        assert!(o.push("l", log(0, &"x".repeat(200)), &mut no_stop()).await);
         o.take_unsent(usize::MAX);
         let o2 = o.clone();
-        let blocked = tokio::spawn(async move { o2.push("l", log(200, "y")).await });
+        let blocked =
+            tokio::spawn(async move { o2.push("l", log(200, "y"), &mut no_stop()).await });
         // Status reports still get in while logs wait.
-        assert!(o.push("l", done()).await);
+        assert!(o.push("l", done(), &mut no_stop()).await);
         assert!(!blocked.is_finished());
         o.ack("l", 1);
         assert!(blocked.await.expect("push task"));
     }
 
     #[tokio::test]
+    async fn a_stop_lets_log_output_past_a_full_buffer() {
+        let o = std::sync::Arc::new(Outbox::new(100));
+        o.open("j", "l");
+        assert!(o.push("l", log(0, &"x".repeat(200)), &mut no_stop()).await);
+        let (stop_tx, mut stop_rx) = watch::channel(None);
+        let o2 = o.clone();
+        let blocked = tokio::spawn(async move { o2.push("l", log(200, "y"), &mut stop_rx).await });
+        stop_tx.send_replace(Some(Stop {
+            reason: crate::executor::StopReason::Cancel,
+            grace: std::time::Duration::ZERO,
+            message: String::new(),
+        }));
+        // No ack came, yet the output is queued.
+        assert!(blocked.await.expect("push task"));
+        assert_eq!(o.take_unsent(usize::MAX).len(), 1);
+    }
+
+    #[test]
+    fn a_duplicate_assignment_changes_nothing() {
+        let o = Outbox::new(100);
+        assert!(o.open("j", "l"));
+        assert!(!o.open("j", "l"));
+    }
+
+    #[tokio::test]
     async fn a_dropped_attempt_refuses_further_reports() {
         let o = Outbox::new(1 << 20);
         o.open("j", "l");
-        o.push("l", log(0, "ab")).await;
+        o.push("l", log(0, "ab"), &mut no_stop()).await;
         assert!(o.drop_attempt("l"));
-        assert!(!o.push("l", log(2, "cd")).await);
+        assert!(!o.push("l", log(2, "cd"), &mut no_stop()).await);
         assert!(o.is_empty());
     }
 }

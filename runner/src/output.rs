@@ -121,11 +121,20 @@ fn could_be_progress(start: &[u8]) -> bool {
 pub fn parse_progress(line: &[u8]) -> Option<pb::Progress> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // The same limit as for a line held back across reads, so that how output happens to be
+    // split into reads never changes what is progress.
+    if line.len() > MAX_PROGRESS_LINE {
+        return None;
+    }
     let body = std::str::from_utf8(line.strip_prefix(PREFIX)?).ok()?;
     let (head, message) = body.split_once("::")?;
     let head = head.trim();
     let (percent, stage) = head.split_once(' ').unwrap_or((head, ""));
-    let percent: u32 = percent.strip_suffix('%').unwrap_or(percent).parse().ok()?;
+    let digits = percent.strip_suffix('%').unwrap_or(percent);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let percent: u32 = digits.parse().ok()?;
     if percent > 100 {
         return None;
     }
@@ -137,7 +146,7 @@ pub fn parse_progress(line: &[u8]) -> Option<pb::Progress> {
 }
 
 /// `s` cut to at most `max` bytes at a character boundary.
-fn cut(s: &str, max: usize) -> String {
+pub(crate) fn cut(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
@@ -198,6 +207,7 @@ mod tests {
             b"::progress 40 no end",
             b" ::progress 40 x::",
             b"::progress -1::",
+            b"::progress +40::",
         ] {
             assert_eq!(
                 parse_progress(bad),
@@ -264,9 +274,15 @@ mod tests {
     #[test]
     fn long_stage_and_message_are_cut_at_a_char_boundary() {
         let stage = "é".repeat(100);
-        let line = format!("::progress 1 {stage}::{}\n", "m".repeat(2000));
+        let line = format!("::progress 1 {stage}::{}\n", "m".repeat(1500));
         let p = parse_progress(line.as_bytes()).expect("parses");
         assert!(p.stage.len() <= MAX_STAGE && p.stage.chars().all(|c| c == 'é'));
         assert_eq!(p.message.len(), MAX_MESSAGE);
+        // A line longer than a held-back line may be is output, however it was read.
+        let long = format!("::progress 1 x::{}\n", "m".repeat(MAX_PROGRESS_LINE));
+        assert_eq!(parse_progress(long.as_bytes()), None);
+        let mut s = OutputStream::default();
+        let pieces = s.feed(long.as_bytes());
+        assert!(matches!(&pieces[..], [Piece::Log { .. }]), "{pieces:?}");
     }
 }

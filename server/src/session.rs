@@ -112,6 +112,11 @@ async fn serve(
     let period = Duration::from_millis(app.config.session_recheck_ms);
     let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A runner heartbeats every interval: a session silent for two of them is dead (a
+    // connection black-holed by the network looks open for much longer). It is closed
+    // so that no further assignment vanishes into it.
+    let silence_limit = Duration::from_secs(2 * u64::from((app.config.lease_seconds / 3).max(1)));
+    let mut last_heard = tokio::time::Instant::now();
 
     loop {
         if check_commands {
@@ -148,6 +153,7 @@ async fn serve(
         tokio::select! {
             msg = in_rx.recv() => {
                 let Some(msg) = msg else { return Ok(()) };
+                last_heard = tokio::time::Instant::now();
                 match msg.kind {
                     Some(In::Credits(c)) => {
                         credits = credits.saturating_add(c.slots).min(capacity);
@@ -165,10 +171,11 @@ async fn serve(
                         let outcome = match app.ingester.submit(runner_id, batch.reports).await {
                             Ok(outcome) => outcome,
                             Err(e) => {
-                                // Not stored, not acknowledged: the runner sends them again.
-                                // The session itself stays up.
-                                tracing::warn!(runner = %runner_id, error = %e, "report batch not stored");
-                                continue;
+                                // Not stored, not acknowledged. The session ends so that the
+                                // runner reconnects and sends them again before anything
+                                // newer: a later report must never be applied past a gap.
+                                tracing::warn!(runner = %runner_id, error = %e, "report batch not stored; ending the session");
+                                return Err(e);
                             }
                         };
                         if !outcome.acks.is_empty()
@@ -200,6 +207,10 @@ async fn serve(
             _ = recheck.tick() => {
                 check_commands = true;
                 check_work = true;
+            }
+            _ = tokio::time::sleep_until(last_heard + silence_limit) => {
+                tracing::warn!(runner = %runner_id, silent = ?silence_limit, "no word from the runner; closing its session");
+                return Ok(());
             }
             _ = crate::events::stopped(&mut shutdown) => return Ok(()),
         }

@@ -23,6 +23,8 @@ on_both_databases!(
     a_cancel_a_live_runner_never_confirms_ends_canceled,
     session_credits_never_exceed_capacity,
     a_refused_report_stops_the_rest_of_its_batch,
+    a_runner_drains_itself_then_deregisters_releasing_what_it_held,
+    a_silent_session_is_closed,
 );
 
 async fn unary_path_runs_a_job_to_success(db: Db) {
@@ -1133,5 +1135,114 @@ async fn a_refused_report_stops_the_rest_of_its_batch(db: Db) {
         logs(&mut jobs, &id).await.0.is_empty(),
         "nothing after the refused report was stored"
     );
+    server.stop().await;
+}
+
+async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let mut admin = server.admin().await;
+    let mut runner = server.runner("leaver", &[], 2).await;
+    let held = submit(&mut jobs, sh("sleep 60")).await;
+    let assignment = runner.claim_one().await;
+    assert_eq!(assignment.job_id, held);
+    let session = runner
+        .session(
+            1,
+            vec![pb::LeaseRef {
+                job_id: held.clone(),
+                lease_id: assignment.lease_id.clone(),
+            }],
+        )
+        .await;
+    session
+        .send(pb::session_request::Kind::Drain(pb::SessionDrain {
+            reason: "SIGTERM".into(),
+        }))
+        .await;
+    // The drain is applied in order: a heartbeat answered after it proves it.
+    let mut session = session;
+    session
+        .send(pb::session_request::Kind::Heartbeat(
+            pb::HeartbeatRequest::default(),
+        ))
+        .await;
+    loop {
+        if let Out::HeartbeatAck(_) = session.next().await {
+            break;
+        }
+    }
+    let r = admin
+        .get_runner(pb::GetRunnerRequest {
+            runner_id: runner.id.clone(),
+        })
+        .await
+        .expect("get runner")
+        .into_inner();
+    assert_eq!(r.state, pb::RunnerState::Draining as i32);
+    // A draining runner gets no new work.
+    let waiting = submit(&mut jobs, sh("true")).await;
+    let none = runner
+        .client
+        .claim(pb::ClaimRequest {
+            max_jobs: 1,
+            wait_seconds: 0,
+        })
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(none.assignments.is_empty());
+    let gone = runner
+        .client
+        .deregister(pb::DeregisterRequest {
+            reason: "drained".into(),
+        })
+        .await
+        .expect("deregister")
+        .into_inner();
+    assert_eq!(gone.released_attempts, 1);
+    let r = admin
+        .get_runner(pb::GetRunnerRequest {
+            runner_id: runner.id.clone(),
+        })
+        .await
+        .expect("get runner")
+        .into_inner();
+    assert_eq!(r.state, pb::RunnerState::Offline as i32);
+    let job = get(&mut jobs, &held).await;
+    assert_eq!(job.status, JobStatus::Failed as i32);
+    assert_eq!(job.failure_kind, pb::FailureKind::RunnerLost as i32);
+    assert!(
+        job.failure_message.contains("deregistered"),
+        "{}",
+        job.failure_message
+    );
+    assert_eq!(
+        get(&mut jobs, &waiting).await.status,
+        JobStatus::Queued as i32
+    );
+    // Bad input changes nothing.
+    let err = runner
+        .client
+        .deregister(pb::DeregisterRequest {
+            reason: "x".repeat(2000),
+        })
+        .await
+        .expect_err("too long");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("reason"), "{}", err.message());
+    server.stop().await;
+}
+
+async fn a_silent_session_is_closed(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut runner = server.runner("quiet", &[], 1).await;
+    let mut session = runner.session(0, vec![]).await;
+    // The runner says nothing (as behind a black-holed connection): the server closes the
+    // session after two heartbeat intervals, so no assignment can vanish into it.
+    let end = tokio::time::timeout(PATIENCE, session.inbound.message())
+        .await
+        .expect("the server closes a silent session");
+    assert!(matches!(end, Ok(None)), "{end:?}");
     server.stop().await;
 }

@@ -5,8 +5,8 @@
 //! (entrypoint), args (CMD), env plus `GANTRY_JOB_ID`, `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`,
 //! working dir, memory and CPU limits, and the labels `gantry.job-id`, `gantry.attempt`,
 //! `gantry.runner-id`, `gantry.lease-id`. Output is attached before the start, so no byte is
-//! missed. A stop is `docker stop` with the grace period (the image's stop signal, then
-//! SIGKILL). The container is removed when the attempt ends; containers a crashed runner left
+//! missed. A stop sends the image's stop signal (SIGTERM by default) and SIGKILL once the
+//! grace period has passed, as `docker stop` does. The container is removed when the attempt ends; containers a crashed runner left
 //! behind are removed when it starts again ([`DockerExecutor::remove_orphans`]).
 use std::{collections::HashMap, time::Duration};
 
@@ -16,12 +16,13 @@ use bollard::{
     errors::Error as DockerError,
     models::{ContainerCreateBody, HostConfig},
     query_parameters::{
-        AttachContainerOptions, CreateContainerOptions, CreateImageOptions, ListContainersOptions,
-        RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+        AttachContainerOptions, CreateContainerOptions, CreateImageOptions, EventsOptions,
+        KillContainerOptions, ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
     },
 };
 use futures::{StreamExt, future::BoxFuture};
 use gantry_proto as pb;
+use tokio::sync::watch;
 
 use super::{Executor, Io, Outcome, StopSignal, Work, stop_requested};
 
@@ -299,6 +300,7 @@ impl DockerExecutor {
             }
         };
         io.phase(pb::ExecutorPhase::Starting, short(id)).await;
+        let oom = self.watch_oom(id);
         if let Err(e) = self.docker.start_container(id, None).await {
             return Outcome::failed(
                 pb::FailureKind::ExecutorError,
@@ -313,13 +315,34 @@ impl DockerExecutor {
                 condition: "not-running".to_string(),
             }),
         );
-        let stopper = futures::future::Fuse::terminated();
-        tokio::pin!(stopper);
+        let kill_at = tokio::time::sleep(super::NEVER);
+        tokio::pin!(kill_at);
         let mut stopping = false;
         let mut output_open = true;
-        let waited = loop {
+        let mut wait_failures = 0;
+        let code = loop {
             tokio::select! {
-                w = wait.next() => break w,
+                w = wait.next() => match w {
+                    Some(Ok(r)) => break Some(r.status_code),
+                    Some(Err(DockerError::DockerContainerWaitError { code, .. })) => break Some(code),
+                    other => {
+                        // The wait broke (an engine hiccup): the container may still run.
+                        if let Some(code) = self.exit_code(id).await {
+                            break Some(code);
+                        }
+                        wait_failures += 1;
+                        if wait_failures > 3 {
+                            tracing::warn!(container = %id, result = ?other.map(|r| r.map(|_| ())), "cannot wait for the container");
+                            break None;
+                        }
+                        wait = self.docker.wait_container(
+                            id,
+                            Some(WaitContainerOptions {
+                                condition: "not-running".to_string(),
+                            }),
+                        );
+                    }
+                },
                 chunk = output.next(), if output_open => match chunk {
                     Some(Ok(LogOutput::StdOut { message })) => io.output(pb::LogStream::Stdout, &message).await,
                     Some(Ok(LogOutput::StdErr { message })) => io.output(pb::LogStream::Stderr, &message).await,
@@ -331,63 +354,153 @@ impl DockerExecutor {
                     None => output_open = false,
                 },
                 s = stop_requested(stop), if !stopping => {
+                    // The runner keeps the grace itself (as `docker stop` would, but without
+                    // an HTTP request that lasts the whole grace).
                     stopping = true;
-                    let grace = s.grace.as_secs();
-                    io.phase(pb::ExecutorPhase::Stopping, format!("stop signal, then SIGKILL after {grace} s")).await;
-                    let t = i32::try_from(grace).unwrap_or(i32::MAX);
-                    let docker = self.docker.clone();
-                    let id = id.to_string();
-                    stopper.set(futures::FutureExt::fuse(async move {
-                        docker.stop_container(&id, Some(StopContainerOptions { t: Some(t), signal: None })).await
-                    }));
+                    let signal = self.stop_signal(id).await;
+                    io.phase(
+                        pb::ExecutorPhase::Stopping,
+                        format!("{signal}, then SIGKILL after {} s", s.grace.as_secs()),
+                    )
+                    .await;
+                    self.signal(id, &signal).await;
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + s.grace);
                 }
-                r = &mut stopper => {
-                    if let Err(e) = r && !is_not_found(&e) {
-                        tracing::warn!(container = %id, error = %e, "stopping the container");
+                _ = &mut kill_at, if stopping => {
+                    self.signal(id, "SIGKILL").await;
+                    kill_at.as_mut().reset(tokio::time::Instant::now() + super::NEVER);
+                }
+            }
+        };
+        // The attach stream ends with the container: read what is left of it, within reason.
+        let drained = tokio::time::timeout(super::OUTPUT_DRAIN, async {
+            while output_open {
+                match output.next().await {
+                    Some(Ok(LogOutput::StdOut { message })) => {
+                        io.output(pb::LogStream::Stdout, &message).await
                     }
+                    Some(Ok(LogOutput::StdErr { message })) => {
+                        io.output(pb::LogStream::Stderr, &message).await
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => output_open = false,
                 }
             }
-        };
-        // The attach stream ends with the container: read what is left of it.
-        while output_open {
-            match output.next().await {
-                Some(Ok(LogOutput::StdOut { message })) => {
-                    io.output(pb::LogStream::Stdout, &message).await
-                }
-                Some(Ok(LogOutput::StdErr { message })) => {
-                    io.output(pb::LogStream::Stderr, &message).await
-                }
-                Some(Ok(_)) => {}
-                Some(Err(_)) | None => output_open = false,
-            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(container = %id, "the container's output did not end after it exited");
         }
-        let waited_code = match waited {
-            Some(Ok(r)) => Some(r.status_code),
-            Some(Err(DockerError::DockerContainerWaitError { code, .. })) => Some(code),
-            Some(Err(e)) => {
-                tracing::warn!(container = %id, error = %e, "waiting for the container");
-                None
-            }
-            None => None,
+        let Some(code) = code else {
+            self.signal(id, "SIGKILL").await;
+            return Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("lost track of container {}", short(id)),
+            );
         };
-        let state = self
-            .docker
+        let mut oom_killed = *oom.flag.borrow()
+            || self
+                .docker
+                .inspect_container(id, None)
+                .await
+                .ok()
+                .and_then(|c| c.state)
+                .and_then(|s| s.oom_killed)
+                .unwrap_or(false);
+        if !oom_killed && !stopping && code == 137 {
+            // Killed by SIGKILL and not by us: the engine's OOM event may trail the exit.
+            let mut flag = oom.flag.clone();
+            oom_killed = tokio::time::timeout(OOM_EVENT_WAIT, flag.wait_for(|f| *f))
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        Outcome::Exited {
+            code: i32::try_from(code).unwrap_or(i32::MAX),
+            oom_killed,
+            stopped: stopping,
+        }
+    }
+
+    /// Follows the engine's `oom` events for the container (replayed from a moment before,
+    /// so none is missed between this call and the start), as the container state's
+    /// OOMKilled flag is not always set when the exit is reported.
+    fn watch_oom(&self, id: &str) -> OomWatch {
+        let (tx, flag) = watch::channel(false);
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs().saturating_sub(1));
+        let filters = HashMap::from([
+            ("container".to_string(), vec![id.to_string()]),
+            ("event".to_string(), vec!["oom".to_string()]),
+        ]);
+        let docker = self.docker.clone();
+        let task = tokio::spawn(async move {
+            let mut events = docker.events(Some(EventsOptions {
+                since: Some(since.to_string()),
+                filters: Some(filters),
+                ..Default::default()
+            }));
+            while let Some(Ok(_)) = events.next().await {
+                tx.send_replace(true);
+            }
+        });
+        OomWatch { flag, task }
+    }
+
+    /// The exit code of a container that is no longer running; `None` while it runs (or
+    /// cannot be inspected).
+    async fn exit_code(&self, id: &str) -> Option<i64> {
+        let state = self.docker.inspect_container(id, None).await.ok()?.state?;
+        if state.running == Some(false) {
+            state.exit_code
+        } else {
+            None
+        }
+    }
+
+    /// The container's stop signal (the image's STOPSIGNAL), SIGTERM by default.
+    async fn stop_signal(&self, id: &str) -> String {
+        self.docker
             .inspect_container(id, None)
             .await
             .ok()
-            .and_then(|c| c.state);
-        let oom_killed = state.as_ref().and_then(|s| s.oom_killed).unwrap_or(false);
-        let code = waited_code.or_else(|| state.as_ref().and_then(|s| s.exit_code));
-        match code {
-            Some(code) => Outcome::Exited {
-                code: i32::try_from(code).unwrap_or(i32::MAX),
-                oom_killed,
-            },
-            None => Outcome::failed(
-                pb::FailureKind::ExecutorError,
-                format!("lost track of container {}", short(id)),
-            ),
+            .and_then(|c| c.config)
+            .and_then(|c| c.stop_signal)
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "SIGTERM".to_string())
+    }
+
+    /// Sends a signal to the container; one that has already stopped is fine.
+    async fn signal(&self, id: &str, signal: &str) {
+        let options = KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        match self.docker.kill_container(id, Some(options)).await {
+            Ok(()) => {}
+            // 404: gone; 409: not running.
+            Err(DockerError::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => {}
+            Err(e) => {
+                tracing::warn!(container = %id, signal, error = %e, "signalling the container")
+            }
         }
+    }
+}
+
+/// How long an exit by SIGKILL waits for the engine's OOM event.
+const OOM_EVENT_WAIT: Duration = Duration::from_secs(2);
+
+/// A container's OOM events, followed until dropped.
+struct OomWatch {
+    flag: watch::Receiver<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OomWatch {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -17,8 +17,14 @@ use tokio::sync::watch;
 
 use crate::{
     outbox::Outbox,
-    output::{OutputStream, Piece},
+    output::{OutputStream, Piece, cut},
 };
+
+/// The server's limits on report fields (longer text is cut at a character boundary, so a
+/// long command line or engine error never gets a report refused).
+const MAX_PHASE_MESSAGE: usize = 1024;
+const MAX_STATUS_MESSAGE: usize = 4096;
+const MAX_CONTAINER_ID: usize = 255;
 
 /// Largest log report the runner makes (the server takes up to 1 MiB).
 const MAX_LOG_REPORT: usize = 256 * 1024;
@@ -101,6 +107,9 @@ pub enum Outcome {
         code: i32,
         /// The engine killed it for exceeding its memory limit.
         oom_killed: bool,
+        /// The executor had signalled it to stop (a stop requested after the work had
+        /// exited on its own does not count).
+        stopped: bool,
     },
     /// The executor could not run the work.
     Failed {
@@ -120,6 +129,10 @@ impl Outcome {
         }
     }
 }
+
+/// After the work exited, how long its remaining output may take to arrive (a descendant
+/// that escaped the process group may hold a pipe open for ever).
+pub(crate) const OUTPUT_DRAIN: Duration = Duration::from_secs(5);
 
 /// Runs jobs of one executor kind.
 pub trait Executor: Send + Sync {
@@ -141,6 +154,8 @@ pub type Executors = Vec<Arc<dyn Executor>>;
 pub struct Io {
     outbox: Arc<Outbox>,
     lease_id: String,
+    /// The attempt's stop request: once set, output no longer waits for buffer space.
+    stop: StopSignal,
     stdout: OutputStream,
     stderr: OutputStream,
     /// False once the server refused the attempt: the work is being stopped.
@@ -149,10 +164,11 @@ pub struct Io {
 
 impl Io {
     /// Reports for the attempt of `lease_id` go to `outbox`.
-    pub fn new(outbox: Arc<Outbox>, lease_id: &str) -> Self {
+    pub fn new(outbox: Arc<Outbox>, lease_id: &str, stop: StopSignal) -> Self {
         Self {
             outbox,
             lease_id: lease_id.to_string(),
+            stop,
             stdout: OutputStream::default(),
             stderr: OutputStream::default(),
             held: true,
@@ -161,7 +177,7 @@ impl Io {
 
     async fn push(&mut self, body: pb::report::Body) {
         if self.held {
-            self.held = self.outbox.push(&self.lease_id, body).await;
+            self.held = self.outbox.push(&self.lease_id, body, &mut self.stop).await;
         }
     }
 
@@ -169,7 +185,7 @@ impl Io {
     pub async fn phase(&mut self, phase: pb::ExecutorPhase, message: impl Into<String>) {
         self.push(pb::report::Body::Phase(pb::PhaseChange {
             phase: phase as i32,
-            message: message.into(),
+            message: cut(&message.into(), MAX_PHASE_MESSAGE),
         }))
         .await;
     }
@@ -178,7 +194,7 @@ impl Io {
     pub async fn started(&mut self, container_id: &str) {
         self.push(pb::report::Body::Status(pb::StatusReport {
             status: pb::JobStatus::Running as i32,
-            container_id: container_id.to_string(),
+            container_id: cut(container_id, MAX_CONTAINER_ID),
             ..Default::default()
         }))
         .await;
@@ -200,8 +216,9 @@ impl Io {
     }
 
     /// The final status of the attempt.
-    pub async fn finish(&mut self, status: pb::StatusReport) {
+    pub async fn finish(&mut self, mut status: pb::StatusReport) {
         self.finish_output().await;
+        status.message = cut(&status.message, MAX_STATUS_MESSAGE);
         self.push(pb::report::Body::Status(status)).await;
     }
 

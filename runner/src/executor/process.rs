@@ -90,7 +90,14 @@ impl ProcessExecutor {
         io.phase(pb::ExecutorPhase::Creating, program.as_str())
             .await;
         let scratch = if spec.working_dir.is_empty() {
-            let dir = self.work_root.join(&work.lease_id);
+            // The lease id names the directory: only a UUID may (it comes from the network).
+            let Ok(lease) = uuid::Uuid::try_parse(&work.lease_id) else {
+                return Outcome::failed(
+                    pb::FailureKind::ExecutorError,
+                    format!("lease id {:?} is not a UUID", work.lease_id),
+                );
+            };
+            let dir = self.work_root.join(lease.to_string());
             if let Err(e) = tokio::fs::create_dir_all(&dir).await {
                 return Outcome::failed(
                     pb::FailureKind::ExecutorError,
@@ -185,11 +192,20 @@ impl ProcessExecutor {
         };
         // Anything the job left behind in its group goes with it (and closes the pipes).
         signal_group(pgid, Signal::SIGKILL);
-        while let Some((stream, data)) = rx.recv().await {
-            io.output(stream, &data).await;
+        let drained = tokio::time::timeout(super::OUTPUT_DRAIN, async {
+            while let Some((stream, data)) = rx.recv().await {
+                io.output(stream, &data).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                pid,
+                "a process outside the job's group keeps its output open; not waiting for it"
+            );
         }
         for p in pumps {
-            let _ = p.await;
+            p.abort();
         }
         match status {
             Ok(status) => {
@@ -201,6 +217,7 @@ impl ProcessExecutor {
                 Outcome::Exited {
                     code,
                     oom_killed: false,
+                    stopped: stopping,
                 }
             }
             Err(e) => Outcome::failed(
