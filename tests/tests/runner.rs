@@ -85,6 +85,28 @@ async fn process_job_succeeds_with_exact_output_and_phases() {
     assert_eq!(job.exit_code, Some(0));
     use pb::ExecutorPhase::*;
     assert_eq!(phases(&events), [Creating, Starting, Running]);
+
+    // A working directory is honoured; without one the job runs in a scratch directory
+    // that is gone afterwards.
+    let dir = tempfile::tempdir().expect("work dir");
+    let mut spec = sh("pwd");
+    spec.working_dir = dir.path().display().to_string();
+    let id = submit(&mut jobs, spec).await;
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    assert_eq!(
+        String::from_utf8_lossy(&logs(&mut jobs, &id).await.0),
+        format!("{}\n", dir.path().display())
+    );
+    let id = submit(&mut jobs, sh("pwd")).await;
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    let scratch = String::from_utf8_lossy(&logs(&mut jobs, &id).await.0)
+        .trim()
+        .to_string();
+    assert!(scratch.contains("/work/"), "{scratch}");
+    assert!(
+        !std::path::Path::new(&scratch).exists(),
+        "{scratch} is removed"
+    );
     server.stop().await;
 }
 
@@ -186,7 +208,12 @@ async fn cancel_stops_a_running_container_and_removes_it() {
     let mut jobs = server.jobs().await;
     let runner = RunnerProcess::start(&server, "cancel", &["--executors", "docker"]);
     let runner_id = runner.id().await;
-    let id = submit(&mut jobs, docker_sh("echo ready; sleep 300").await).await;
+    let mut spec = docker_sh("echo ready; sleep 300").await;
+    spec.resources = Some(pb::Resources {
+        memory_bytes: 64 * 1024 * 1024,
+        cpu_millis: 250,
+    });
+    let id = submit(&mut jobs, spec).await;
     wait_for_output(&mut jobs, &id, "ready").await;
     // While it runs, the container carries the job's labels and limits.
     let running = containers_with_label(&format!("gantry.job-id={id}")).await;
@@ -194,6 +221,16 @@ async fn cancel_stops_a_running_container_and_removes_it() {
     let labels = running[0].labels.clone().unwrap_or_default();
     assert_eq!(labels.get("gantry.attempt").map(String::as_str), Some("1"));
     assert_eq!(labels.get("gantry.runner-id"), Some(&runner_id));
+    let container_id = running[0].id.clone().expect("container id");
+    let host = gantry_tests::procs::docker()
+        .await
+        .inspect_container(&container_id, None)
+        .await
+        .expect("inspect")
+        .host_config
+        .expect("host config");
+    assert_eq!(host.memory, Some(64 * 1024 * 1024));
+    assert_eq!(host.nano_cpus, Some(250_000_000));
     jobs.cancel_job(pb::CancelJobRequest {
         job_id: id.clone(),
         reason: "test".into(),
@@ -542,11 +579,16 @@ async fn an_image_that_cannot_be_had_fails_cleanly() {
         "noimage",
         &["--executors", "docker", "--pull-timeout-seconds", "30"],
     );
-    busybox_image().await;
     let absent = format!("gantry-test/absent-{}:1", uuid::Uuid::new_v4().simple());
-    for policy in [pb::PullPolicy::Never, pb::PullPolicy::IfNotPresent] {
+    // ALWAYS pulls even an image the engine has: with no registry that fails too.
+    let present = busybox_image().await;
+    for (image, policy) in [
+        (&absent, pb::PullPolicy::Never),
+        (&absent, pb::PullPolicy::IfNotPresent),
+        (&present, pb::PullPolicy::Always),
+    ] {
         let spec = pb::JobSpec {
-            image: absent.clone(),
+            image: image.clone(),
             pull_policy: policy as i32,
             ..Default::default()
         };
@@ -560,7 +602,7 @@ async fn an_image_that_cannot_be_had_fails_cleanly() {
             job.failure_message
         );
         assert!(
-            job.failure_message.contains(&absent),
+            job.failure_message.contains(image.as_str()),
             "{}",
             job.failure_message
         );
@@ -571,7 +613,7 @@ async fn an_image_that_cannot_be_had_fails_cleanly() {
         );
         let pulled =
             phases(&all_events(&mut jobs, &id).await).contains(&pb::ExecutorPhase::Pulling);
-        assert_eq!(pulled, policy == pb::PullPolicy::IfNotPresent, "{policy:?}");
+        assert_eq!(pulled, policy != pb::PullPolicy::Never, "{policy:?}");
     }
     server.stop().await;
 }
@@ -899,5 +941,46 @@ async fn a_runner_reaches_a_tls_server_through_its_ca() {
     wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
     assert_eq!(get(&mut jobs, &id).await.attempts[0].runner_id, runner_id);
     assert_eq!(logs(&mut jobs, &id).await.0, b"over-tls\n");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operators_drain_command_drains_the_runner_which_then_exits_0() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let mut jobs = server.jobs().await;
+    let mut runner = RunnerProcess::start(&server, "drained", &["--executors", "process"]);
+    let runner_id = runner.id().await;
+    let gate = tempfile::tempdir().expect("gate dir");
+    let go = gate.path().join("go");
+    let id = submit(
+        &mut jobs,
+        sh(&format!(
+            "echo ready; while [ ! -e {} ]; do sleep 0.05; done; echo done",
+            go.display()
+        )),
+    )
+    .await;
+    wait_for_output(&mut jobs, &id, "ready").await;
+    server
+        .admin()
+        .await
+        .drain_runner(pb::DrainRunnerRequest {
+            runner_id: runner_id.clone(),
+            reason: "kernel upgrade".into(),
+        })
+        .await
+        .expect("drain");
+    std::fs::write(&go, b"").expect("open the gate");
+    wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
+    assert_eq!(runner.wait().await, 0, "runner log:\n{}", runner.log());
+    assert!(runner.log().contains("kernel upgrade"), "{}", runner.log());
+    let r = server
+        .admin()
+        .await
+        .get_runner(pb::GetRunnerRequest { runner_id })
+        .await
+        .expect("get runner")
+        .into_inner();
+    assert_eq!(r.state, pb::RunnerState::Offline as i32);
     server.stop().await;
 }
