@@ -68,6 +68,12 @@ fi
 export GANTRY_TEST_BUSYBOX=$(realpath "$BUSYBOX")
 say "Docker $(docker version --format '{{.Server.Version}}'); busybox: $GANTRY_TEST_BUSYBOX"
 
+# --- tmux: the CLI's live view is checked in a real terminal -----------------------------
+if ! command -v tmux >/dev/null 2>&1; then
+    say "installing tmux (Debian packages)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null
+fi
+
 # --- Tests ------------------------------------------------------------------------------
 export GANTRY_TEST_REQUIRE_ALL=1
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}

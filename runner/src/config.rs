@@ -111,6 +111,14 @@ fn parse_executor(s: &str) -> Result<pb::ExecutorKind, String> {
 }
 
 impl Config {
+    /// A configuration from these flags (as if typed after `gantry-runner`), for programs
+    /// that embed a runner (`gantry dev`).
+    pub fn try_parse_from_args<I: IntoIterator<Item = String>>(
+        args: I,
+    ) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("gantry-runner".to_string()).chain(args))
+    }
+
     /// The name to register under.
     pub fn runner_name(&self) -> String {
         self.name.clone().unwrap_or_else(hostname)

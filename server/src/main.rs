@@ -12,6 +12,11 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,sea_orm=warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi({
+            use std::io::IsTerminal as _;
+            std::io::stderr().is_terminal()
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        })
         .init();
     let config = Config::parse();
     let listener = tokio::net::TcpListener::bind(config.listen)

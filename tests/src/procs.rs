@@ -518,3 +518,38 @@ impl Drop for Proxy {
         self.task.abort();
     }
 }
+
+/// What a finished `gantry` command did.
+#[derive(Debug)]
+pub struct CliRun {
+    /// Exit status.
+    pub code: i32,
+    /// Its stdout.
+    pub stdout: String,
+    /// Its stderr.
+    pub stderr: String,
+}
+
+/// Runs the real `gantry` binary against `server` (`GANTRY_SERVER`, `GANTRY_TOKEN`), without
+/// a terminal and without colours.
+pub async fn gantry(server: &str, token: &str, args: &[&str]) -> CliRun {
+    let out = tokio::time::timeout(
+        PATIENCE,
+        tokio::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+            .args(args)
+            .env("GANTRY_SERVER", server)
+            .env("GANTRY_TOKEN", token)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("gantry {args:?} did not finish"))
+    .expect("run gantry");
+    CliRun {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

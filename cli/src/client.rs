@@ -1,0 +1,183 @@
+//! The connection to the server, and errors as the user sees them: one line, a fitting exit
+//! status.
+use std::fmt;
+
+use gantry_proto as pb;
+use tonic::{
+    Code, Status,
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
+};
+use tonic_types::StatusExt as _;
+
+use crate::args::Global;
+
+/// Exit statuses (see `gantry --help`).
+pub mod exit {
+    /// The server refused the request.
+    pub const REFUSED: u8 = 1;
+    /// A bad command line.
+    pub const USAGE: u8 = 2;
+    /// The server cannot be reached.
+    pub const UNREACHABLE: u8 = 3;
+    /// Authentication failed.
+    pub const AUTH: u8 = 4;
+}
+
+/// An error for the user: one line and an exit status.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit status.
+    pub code: u8,
+    /// The line (without the `error: ` prefix).
+    pub message: String,
+}
+
+impl CliError {
+    /// An error with this exit status.
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// A bad command line.
+    pub fn usage(message: impl Into<String>) -> Self {
+        Self::new(exit::USAGE, message)
+    }
+}
+
+impl fmt::Display for CliError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A result for commands.
+pub type Result<T, E = CliError> = std::result::Result<T, E>;
+
+/// Turns a gRPC status into the user's error: the server's message, its field violations, and
+/// the exit status that fits.
+pub fn from_status(server: &str, status: &Status) -> CliError {
+    let code = status.code();
+    let mut message = status.message().trim().to_string();
+    if let Some(bad) = status.get_details_bad_request() {
+        let fields: Vec<String> = bad
+            .field_violations
+            .iter()
+            .map(|v| format!("{}: {}", v.field, v.description))
+            .filter(|v| !message.contains(v.as_str()))
+            .collect();
+        if !fields.is_empty() {
+            message = format!("{message} ({})", fields.join("; "));
+        }
+    }
+    // One line, whatever the server said.
+    let message = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    match code {
+        Code::Unavailable | Code::DeadlineExceeded => CliError::new(
+            exit::UNREACHABLE,
+            format!(
+                "cannot reach the server at {server}: {} (is it running? set --server or GANTRY_SERVER)",
+                if message.is_empty() {
+                    "unavailable"
+                } else {
+                    &message
+                }
+            ),
+        ),
+        Code::Unauthenticated | Code::PermissionDenied => CliError::new(
+            exit::AUTH,
+            format!("authentication failed: {message} (check --token or GANTRY_TOKEN)"),
+        ),
+        Code::InvalidArgument => {
+            CliError::new(exit::REFUSED, format!("invalid request: {message}"))
+        }
+        Code::NotFound => CliError::new(exit::REFUSED, format!("not found: {message}")),
+        Code::FailedPrecondition => {
+            CliError::new(exit::REFUSED, format!("not possible now: {message}"))
+        }
+        _ => CliError::new(exit::REFUSED, format!("{}: {message}", code.description())),
+    }
+}
+
+/// Adds the API token to every call.
+#[derive(Clone)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An authenticated channel.
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// The clients a command needs.
+pub struct Clients {
+    /// JobService.
+    pub jobs: pb::job_service_client::JobServiceClient<Authed>,
+    /// AdminService.
+    pub admin: pb::admin_service_client::AdminServiceClient<Authed>,
+    /// The server URL (for messages).
+    pub server: String,
+}
+
+impl Clients {
+    /// Connects to the server named by the global options.
+    pub async fn connect(global: &Global) -> Result<Clients> {
+        let server = global.server.clone();
+        let mut endpoint = Endpoint::from_shared(server.clone())
+            .map_err(|_| CliError::usage(format!("--server `{server}` is not a URL")))?
+            .connect_timeout(std::time::Duration::from_secs(5));
+        if let Some(ca) = &global.tls_ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| CliError::usage(format!("--tls-ca: {e}")))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The innermost cause says it best ("Connection refused").
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(inner) = cause.source() {
+                cause = inner;
+            }
+            let cause = cause.to_string();
+            CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "cannot reach the server at {server}: {cause} (is it running? set --server or GANTRY_SERVER)"
+                ),
+            )
+        })?;
+        let token = match global.token.as_deref() {
+            Some(t) => Some(
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| CliError::usage("--token must be printable ASCII"))?,
+            ),
+            None => None,
+        };
+        let bearer = Bearer(token);
+        Ok(Clients {
+            jobs: pb::job_service_client::JobServiceClient::with_interceptor(
+                channel.clone(),
+                bearer.clone(),
+            ),
+            admin: pb::admin_service_client::AdminServiceClient::with_interceptor(channel, bearer),
+            server,
+        })
+    }
+
+    /// The user's error for a failed call.
+    pub fn error(&self, status: &Status) -> CliError {
+        from_status(&self.server, status)
+    }
+}

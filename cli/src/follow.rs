@@ -1,0 +1,285 @@
+//! Following a job: `watch` (a live view), `logs`, and waiting for the end.
+use std::io::{IsTerminal as _, Write as _};
+
+use gantry_proto as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio_stream::StreamExt as _;
+
+use crate::{
+    args::{Global, LogsArgs, Output, Stream},
+    client::{CliError, Clients, Result},
+    render,
+};
+
+/// The exit status that stands for how a finished job ended (see `gantry --help`).
+pub fn job_exit_code(job: &pb::Job) -> u8 {
+    match pb::JobStatus::try_from(job.status).unwrap_or_default() {
+        pb::JobStatus::Succeeded => 0,
+        pb::JobStatus::Canceled => 130,
+        pb::JobStatus::TimedOut => 124,
+        _ => match job.exit_code {
+            // Exit statuses are 8 bits; a code that wraps to 0 must still be a failure.
+            Some(c) if c != 0 => match (c & 0xff) as u8 {
+                0 => 1,
+                n => n,
+            },
+            _ => 125,
+        },
+    }
+}
+
+/// Waits (following its events) until the job is terminal.
+pub async fn wait_for_end(c: &mut Clients, id: &str) -> Result<()> {
+    let mut events = c
+        .jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.to_string(),
+            after_sequence: 0,
+            follow: true,
+        })
+        .await
+        .map_err(|s| c.error(&s))?
+        .into_inner();
+    while let Some(e) = events.next().await {
+        e.map_err(|s| c.error(&s))?;
+    }
+    Ok(())
+}
+
+/// Reads the job, says how it ended (on stderr, unless it succeeded or JSON is asked for),
+/// and returns its exit status.
+pub async fn finish(c: &mut Clients, id: &str, output: Output) -> Result<u8> {
+    let job = c
+        .jobs
+        .get_job(pb::GetJobRequest {
+            job_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| c.error(&s))?
+        .into_inner();
+    if output == Output::Json {
+        render::print_json(&render::job_json(&job));
+    } else if job.status != pb::JobStatus::Succeeded as i32 {
+        eprintln!("job {}: {}", job.id, render::outcome_line(&job));
+    }
+    Ok(job_exit_code(&job))
+}
+
+/// Writes bytes to stdout or stderr; a closed pipe (`| head`) ends the program quietly.
+fn write_out(stream: i32, data: &[u8]) {
+    let result = if stream == pb::LogStream::Stderr as i32 {
+        let mut err = std::io::stderr().lock();
+        err.write_all(data).and_then(|_| err.flush())
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(data).and_then(|_| out.flush())
+    };
+    if let Err(e) = result
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
+    }
+}
+
+/// Prints a job's output: stdout bytes to stdout, stderr bytes to stderr (or NDJSON chunks).
+pub async fn stream_logs(
+    c: &mut Clients,
+    id: &str,
+    attempt: u32,
+    stream: Option<Stream>,
+    follow: bool,
+    output: Output,
+) -> Result<()> {
+    let mut chunks = c
+        .jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.to_string(),
+            attempt,
+            stream: match stream {
+                Some(Stream::Stdout) => pb::LogStream::Stdout as i32,
+                Some(Stream::Stderr) => pb::LogStream::Stderr as i32,
+                None => pb::LogStream::Unspecified as i32,
+            },
+            follow,
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| c.error(&s))?
+        .into_inner();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|s| c.error(&s))?;
+        match output {
+            Output::Table => write_out(chunk.stream, &chunk.data),
+            Output::Json => println!(
+                "{}",
+                serde_json::json!({
+                    "attempt": chunk.attempt,
+                    "stream": if chunk.stream == pb::LogStream::Stderr as i32 { "stderr" } else { "stdout" },
+                    "offset": chunk.offset,
+                    "data": String::from_utf8_lossy(&chunk.data),
+                })
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// `gantry logs`.
+pub async fn logs(global: &Global, args: LogsArgs) -> Result<u8> {
+    let mut c = Clients::connect(global).await?;
+    stream_logs(
+        &mut c,
+        &args.id,
+        args.attempt,
+        args.stream,
+        args.follow,
+        global.output,
+    )
+    .await?;
+    Ok(0)
+}
+
+/// One line for an event, as `watch` prints it without a terminal.
+pub fn event_line(e: &pb::JobEvent) -> Option<String> {
+    Some(match e.kind.as_ref()? {
+        pb::job_event::Kind::Status(s) => {
+            let mut line = if s.from == pb::JobStatus::Unspecified as i32 {
+                format!("status {}", render::status_name(s.to))
+            } else {
+                format!(
+                    "status {} -> {}",
+                    render::status_name(s.from),
+                    render::status_name(s.to)
+                )
+            };
+            if let Some(code) = s.exit_code {
+                line.push_str(&format!(" (exit code {code})"));
+            }
+            if !s.message.is_empty() {
+                line.push_str(&format!(": {}", s.message));
+            }
+            line
+        }
+        pb::job_event::Kind::Phase(p) => {
+            format!("phase {} {}", render::phase_name(p.phase), p.message)
+                .trim_end()
+                .to_string()
+        }
+        pb::job_event::Kind::Progress(p) => {
+            format!("progress {}% {} {}", p.percent, p.stage, p.message)
+                .trim_end()
+                .to_string()
+        }
+    })
+}
+
+/// `gantry watch`: status changes and phases as lines, progress as a bar (on a terminal),
+/// until the job ends; exits with the job's status.
+pub async fn watch(global: &Global, id: String) -> Result<u8> {
+    let mut c = Clients::connect(global).await?;
+    let mut events = c
+        .jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.clone(),
+            after_sequence: 0,
+            follow: true,
+        })
+        .await
+        .map_err(|s| c.error(&s))?
+        .into_inner();
+    let live = global.output == Output::Table && std::io::stdout().is_terminal();
+    let bar = live.then(|| {
+        let bar = ProgressBar::new(100);
+        let colour = render::colour();
+        let template = if colour {
+            "{spinner:.cyan} {prefix:.bold} [{bar:32.cyan/blue}] {pos:>3}% {wide_msg}"
+        } else {
+            "{spinner} {prefix} [{bar:32}] {pos:>3}% {wide_msg}"
+        };
+        if let Ok(style) = ProgressStyle::with_template(template) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix("queued");
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    });
+    while let Some(e) = events.next().await {
+        let e = e.map_err(|s| c.error(&s))?;
+        match (&bar, global.output) {
+            (_, Output::Json) => println!("{}", render::event_json(&e)),
+            (Some(bar), _) => match &e.kind {
+                Some(pb::job_event::Kind::Progress(p)) => {
+                    bar.set_position(u64::from(p.percent.min(100)));
+                    bar.set_message(format!("{} {}", p.stage, p.message).trim().to_string());
+                }
+                Some(pb::job_event::Kind::Status(s)) => {
+                    bar.set_prefix(render::status_name(s.to));
+                    if let Some(line) = event_line(&e) {
+                        bar.println(line);
+                    }
+                }
+                _ => {
+                    if let Some(line) = event_line(&e) {
+                        bar.println(line);
+                    }
+                }
+            },
+            (None, _) => {
+                if let Some(line) = event_line(&e) {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+    let job = c
+        .jobs
+        .get_job(pb::GetJobRequest { job_id: id })
+        .await
+        .map_err(|s| c.error(&s))?
+        .into_inner();
+    if let Some(bar) = bar {
+        bar.set_prefix(render::status_name(job.status));
+        if job.status == pb::JobStatus::Succeeded as i32 {
+            bar.set_position(100);
+        }
+        bar.finish();
+    }
+    if global.output == Output::Table {
+        let status = pb::JobStatus::try_from(job.status).unwrap_or_default();
+        println!(
+            "job {} {}",
+            job.id,
+            render::paint_status(status, &render::outcome_line(&job), render::colour())
+        );
+    }
+    if job.status < pb::JobStatus::Succeeded as i32 {
+        return Err(CliError::new(
+            1,
+            format!("the server ended the watch before job {} finished", job.id),
+        ));
+    }
+    Ok(job_exit_code(&job))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(status: pb::JobStatus, exit_code: Option<i32>) -> pb::Job {
+        pb::Job {
+            status: status as i32,
+            exit_code,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_job() {
+        assert_eq!(job_exit_code(&job(pb::JobStatus::Succeeded, Some(0))), 0);
+        assert_eq!(job_exit_code(&job(pb::JobStatus::Failed, Some(3))), 3);
+        assert_eq!(job_exit_code(&job(pb::JobStatus::Failed, Some(256))), 1);
+        assert_eq!(job_exit_code(&job(pb::JobStatus::Failed, None)), 125);
+        assert_eq!(job_exit_code(&job(pb::JobStatus::Canceled, Some(143))), 130);
+        assert_eq!(job_exit_code(&job(pb::JobStatus::TimedOut, None)), 124);
+    }
+}

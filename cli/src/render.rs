@@ -1,0 +1,322 @@
+//! How things look: tables and colours for people, stable JSON for programs.
+//!
+//! The JSON of a job, an event, a runner or the stats uses the proto's field names, enum
+//! values as lower-case names (`"succeeded"`, `"runner_lost"`), times as Unix milliseconds in
+//! fields named `*_unix_ms`; absent optional values are `null`. Fields are only ever added.
+use std::io::IsTerminal as _;
+
+use gantry_proto as pb;
+use serde_json::{Value, json};
+
+/// Whether to colour output: stdout is a terminal and `NO_COLOR` is unset.
+pub fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `text` in the colour of `status` (when colouring).
+pub fn paint_status(status: pb::JobStatus, text: &str, colour: bool) -> String {
+    if !colour {
+        return text.to_string();
+    }
+    let code = match status {
+        pb::JobStatus::Succeeded => "32",
+        pb::JobStatus::Failed | pb::JobStatus::TimedOut => "31",
+        pb::JobStatus::Canceled | pb::JobStatus::Canceling => "33",
+        pb::JobStatus::Running | pb::JobStatus::Assigned => "36",
+        _ => "2",
+    };
+    format!("\x1b[{code}m{text}\x1b[0m")
+}
+
+/// `JOB_STATUS_TIMED_OUT` → `timed_out`.
+pub fn enum_name(name: &str, prefix: &str) -> String {
+    name.strip_prefix(prefix)
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+/// A job status as users read it.
+pub fn status_name(s: i32) -> String {
+    pb::JobStatus::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |s| enum_name(s.as_str_name(), "JOB_STATUS_"),
+    )
+}
+
+fn failure_name(s: i32) -> Option<String> {
+    match pb::FailureKind::try_from(s) {
+        Ok(pb::FailureKind::Unspecified) => None,
+        Ok(k) => Some(enum_name(k.as_str_name(), "FAILURE_KIND_")),
+        Err(_) => Some(s.to_string()),
+    }
+}
+
+fn executor_name(s: i32) -> String {
+    pb::ExecutorKind::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |k| enum_name(k.as_str_name(), "EXECUTOR_KIND_"),
+    )
+}
+
+/// An executor phase as users read it.
+pub fn phase_name(s: i32) -> String {
+    pb::ExecutorPhase::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |k| enum_name(k.as_str_name(), "EXECUTOR_PHASE_"),
+    )
+}
+
+fn runner_state_name(s: i32) -> String {
+    pb::RunnerState::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |k| enum_name(k.as_str_name(), "RUNNER_STATE_"),
+    )
+}
+
+fn nonzero(ms: i64) -> Value {
+    if ms == 0 { Value::Null } else { json!(ms) }
+}
+
+fn progress_json(p: &Option<pb::Progress>) -> Value {
+    match p {
+        Some(p) => json!({"percent": p.percent, "stage": p.stage, "message": p.message}),
+        None => Value::Null,
+    }
+}
+
+/// A job as JSON.
+pub fn job_json(job: &pb::Job) -> Value {
+    let spec = job.spec.clone().unwrap_or_default();
+    json!({
+        "id": job.id,
+        "status": status_name(job.status),
+        "failure_kind": failure_name(job.failure_kind),
+        "failure_message": (!job.failure_message.is_empty()).then_some(&job.failure_message),
+        "exit_code": job.exit_code,
+        "attempt_count": job.attempt_count,
+        "runner_id": (!job.runner_id.is_empty()).then_some(&job.runner_id),
+        "created_at_unix_ms": job.created_at_unix_ms,
+        "updated_at_unix_ms": job.updated_at_unix_ms,
+        "finished_at_unix_ms": nonzero(job.finished_at_unix_ms),
+        "not_before_unix_ms": nonzero(job.not_before_unix_ms),
+        "progress": progress_json(&job.progress),
+        "retried_from_job_id": (!job.retried_from_job_id.is_empty()).then_some(&job.retried_from_job_id),
+        "spec": {
+            "executor": executor_name(spec.executor),
+            "image": (!spec.image.is_empty()).then_some(&spec.image),
+            "command": spec.command,
+            "args": spec.args,
+            "env": spec.env,
+            "working_dir": (!spec.working_dir.is_empty()).then_some(&spec.working_dir),
+            "queue": spec.queue,
+            "labels": spec.labels,
+            "priority": spec.priority,
+            "timeout_seconds": spec.timeout_seconds,
+            "max_attempts": spec.retry.map_or(1, |r| r.max_attempts.max(1)),
+            "lock_key": (!spec.lock_key.is_empty()).then_some(&spec.lock_key),
+            "idempotency_key": (!spec.idempotency_key.is_empty()).then_some(&spec.idempotency_key),
+            "metadata": spec.metadata,
+        },
+        "attempts": job.attempts.iter().map(|a| json!({
+            "number": a.number,
+            "runner_id": a.runner_id,
+            "status": status_name(a.status),
+            "exit_code": a.exit_code,
+            "failure_kind": failure_name(a.failure_kind),
+            "failure_message": (!a.failure_message.is_empty()).then_some(&a.failure_message),
+            "container_id": (!a.container_id.is_empty()).then_some(&a.container_id),
+            "assigned_at_unix_ms": a.assigned_at_unix_ms,
+            "started_at_unix_ms": nonzero(a.started_at_unix_ms),
+            "finished_at_unix_ms": nonzero(a.finished_at_unix_ms),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// An event as JSON.
+pub fn event_json(e: &pb::JobEvent) -> Value {
+    let mut v = json!({
+        "job_id": e.job_id,
+        "sequence": e.sequence,
+        "at_unix_ms": e.at_unix_ms,
+        "attempt": e.attempt,
+    });
+    let kind = match &e.kind {
+        Some(pb::job_event::Kind::Status(s)) => json!({"type": "status",
+            "from": status_name(s.from), "to": status_name(s.to),
+            "failure_kind": failure_name(s.failure_kind), "message": s.message, "exit_code": s.exit_code}),
+        Some(pb::job_event::Kind::Progress(p)) => json!({"type": "progress",
+            "percent": p.percent, "stage": p.stage, "message": p.message}),
+        Some(pb::job_event::Kind::Phase(p)) => json!({"type": "phase",
+            "phase": phase_name(p.phase), "message": p.message}),
+        None => json!({"type": "unknown"}),
+    };
+    if let (Some(v), Some(k)) = (v.as_object_mut(), kind.as_object()) {
+        v.extend(k.clone());
+    }
+    v
+}
+
+/// A runner as JSON.
+pub fn runner_json(r: &pb::Runner) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "state": runner_state_name(r.state),
+        "labels": r.labels,
+        "capacity": r.capacity,
+        "active_jobs": r.active_jobs,
+        "executors": r.executors.iter().map(|e| executor_name(*e)).collect::<Vec<_>>(),
+        "queues": r.queues,
+        "version": r.version,
+        "hostname": r.hostname,
+        "last_heartbeat_unix_ms": r.last_heartbeat_unix_ms,
+        "registered_at_unix_ms": r.registered_at_unix_ms,
+    })
+}
+
+/// Stats as JSON.
+pub fn stats_json(s: &pb::GetStatsResponse) -> Value {
+    json!({
+        "jobs_by_status": s.jobs_by_status.iter().map(|c| (status_name(c.status), json!(c.count))).collect::<serde_json::Map<_, _>>(),
+        "queues": s.queues.iter().map(|q| json!({"queue": q.queue, "queued": q.queued, "active": q.active})).collect::<Vec<_>>(),
+        "runners_by_state": s.runners_by_state.iter().map(|c| (runner_state_name(c.state), json!(c.count))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_else(|_| "null".into())
+    );
+}
+
+/// How long ago `unix_ms` was, briefly (`3s`, `5m`, `2h`, `4d`).
+pub fn ago(unix_ms: i64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let s = ((now - unix_ms) / 1000).max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+/// What a job runs, in one short line.
+pub fn what(spec: &pb::JobSpec) -> String {
+    let mut parts = Vec::new();
+    if !spec.image.is_empty() {
+        parts.push(format!("[{}]", spec.image));
+    }
+    parts.extend(spec.command.iter().chain(&spec.args).cloned());
+    let line = parts.join(" ").replace('\n', " ");
+    if line.chars().count() > 48 {
+        format!("{}…", line.chars().take(47).collect::<String>())
+    } else {
+        line
+    }
+}
+
+/// A table with aligned columns. Cells may carry colour codes; widths count visible text.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<(String, usize)>>,
+}
+
+impl Table {
+    /// A table with these column names.
+    pub fn new(header: &[&str]) -> Table {
+        Table {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row of (shown text, visible width).
+    pub fn row(&mut self, cells: Vec<(String, usize)>) {
+        self.rows.push(cells);
+    }
+
+    /// Adds a row of plain cells.
+    pub fn plain(&mut self, cells: Vec<String>) {
+        self.rows.push(
+            cells
+                .into_iter()
+                .map(|c| {
+                    let w = c.chars().count();
+                    (c, w)
+                })
+                .collect(),
+        );
+    }
+
+    /// Prints it.
+    pub fn print(&self) {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, (_, w)) in row.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(*w);
+                }
+            }
+        }
+        let line = |cells: Vec<(String, usize)>| {
+            let last = cells.len().saturating_sub(1);
+            let mut out = String::new();
+            for (i, (text, w)) in cells.into_iter().enumerate() {
+                out.push_str(&text);
+                if i < last {
+                    out.push_str(&" ".repeat(widths[i].saturating_sub(w) + 2));
+                }
+            }
+            println!("{}", out.trim_end());
+        };
+        line(
+            self.header
+                .iter()
+                .map(|h| (h.clone(), h.chars().count()))
+                .collect(),
+        );
+        for row in &self.rows {
+            line(row.clone());
+        }
+    }
+}
+
+/// A status cell (coloured when colouring).
+pub fn status_cell(status: i32, colour: bool) -> (String, usize) {
+    let name = status_name(status);
+    let width = name.chars().count();
+    let s = pb::JobStatus::try_from(status).unwrap_or_default();
+    (paint_status(s, &name, colour), width)
+}
+
+/// Describes a failure for people: `failed (exit_nonzero, exit code 3): exited with code 3`.
+pub fn outcome_line(job: &pb::Job) -> String {
+    let mut s = status_name(job.status);
+    let mut detail = Vec::new();
+    if let Some(k) = failure_name(job.failure_kind) {
+        detail.push(k);
+    }
+    if let Some(c) = job.exit_code {
+        detail.push(format!("exit code {c}"));
+    }
+    if !detail.is_empty() {
+        s = format!("{s} ({})", detail.join(", "));
+    }
+    if !job.failure_message.is_empty() {
+        s = format!("{s}: {}", job.failure_message);
+    }
+    s
+}
+
+/// Whether to colour stderr.
+pub fn colour_stderr() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}

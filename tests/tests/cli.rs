@@ -1,0 +1,470 @@
+//! The real `gantry` binary against a real server and a real runner process: what a user
+//! types, what they see, and the exit statuses scripts rely on.
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
+
+use gantry_proto as pb;
+use gantry_tests::{
+    Db, TestServer, get,
+    procs::{RunnerProcess, binary, eventually, gantry, wait_for_output},
+    sh, submit, wait_for_status,
+};
+use pb::JobStatus;
+
+/// A server with one process runner.
+async fn system() -> (TestServer, RunnerProcess) {
+    let server = TestServer::start(Db::Sqlite).await;
+    let runner = RunnerProcess::start(
+        &server,
+        "cli",
+        &["--executors", "process", "--capacity", "4"],
+    );
+    (server, runner)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_prints_the_output_and_returns_the_jobs_exit_code() {
+    let (server, _runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let ok = gantry(
+        &url,
+        &token,
+        &[
+            "submit",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2",
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{ok:?}");
+    assert_eq!(ok.stdout, "out\n");
+    assert!(ok.stderr.contains("err\n"), "{ok:?}");
+    let failed = gantry(
+        &url,
+        &token,
+        &["submit", "--wait", "--", "sh", "-c", "echo partial; exit 7"],
+    )
+    .await;
+    assert_eq!(failed.code, 7, "{failed:?}");
+    assert_eq!(failed.stdout, "partial\n");
+    assert!(failed.stderr.contains("exit code 7"), "{failed:?}");
+    let timed_out = gantry(
+        &url,
+        &token,
+        &[
+            "submit",
+            "--wait",
+            "--timeout",
+            "1s",
+            "--grace",
+            "1s",
+            "--",
+            "sleep",
+            "60",
+        ],
+    )
+    .await;
+    assert_eq!(timed_out.code, 124, "{timed_out:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_follow_streams_the_logs_in_order() {
+    let (server, _runner) = system().await;
+    let run = gantry(
+        &server.url(),
+        &server.api_token,
+        &[
+            "submit",
+            "--follow",
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 1 60); do echo line-$i; sleep 0.01; done",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let want: String = (1..=60).map(|i| format!("line-{i}\n")).collect();
+    assert_eq!(run.stdout, want);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_follows_progress_to_100_and_exits_0() {
+    let (server, _runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let submitted = gantry(
+        &url,
+        &token,
+        &[
+            "submit",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3 4; do echo \"::progress $((i*25)) step $i::\"; sleep 0.1; done",
+        ],
+    )
+    .await;
+    assert_eq!(submitted.code, 0, "{submitted:?}");
+    let id = submitted.stdout.trim().to_string();
+    let watch = gantry(&url, &token, &["watch", &id]).await;
+    assert_eq!(watch.code, 0, "{watch:?}");
+    let lines: Vec<&str> = watch.stdout.lines().collect();
+    for want in [
+        "progress 25% step 1",
+        "progress 50% step 2",
+        "progress 100% step 4",
+        "status running -> succeeded (exit code 0)",
+    ] {
+        assert!(
+            lines.contains(&want),
+            "watch lacks {want:?}:\n{}",
+            watch.stdout
+        );
+    }
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("job {id} succeeded (exit code 0)").as_str())
+    );
+    // As JSON, one event per line.
+    let json = gantry(&url, &token, &["-o", "json", "watch", &id]).await;
+    assert_eq!(json.code, 0, "{json:?}");
+    let events: Vec<serde_json::Value> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "progress" && e["percent"] == 100)
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_turns_a_running_job_canceled() {
+    let (server, _runner) = system().await;
+    let mut jobs = server.jobs().await;
+    let id = submit(&mut jobs, sh("echo ready; sleep 300")).await;
+    wait_for_output(&mut jobs, &id, "ready").await;
+    let run = gantry(
+        &server.url(),
+        &server.api_token,
+        &["cancel", &id, "--reason", "from the cli"],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.starts_with(&id), "{run:?}");
+    wait_for_status(&mut jobs, &id, JobStatus::Canceled).await;
+    let job = get(&mut jobs, &id).await;
+    assert!(
+        job.failure_message.contains("from the cli"),
+        "{}",
+        job.failure_message
+    );
+    // Waiting on a canceled job exits 130.
+    let watch = gantry(&server.url(), &server.api_token, &["watch", &id]).await;
+    assert_eq!(watch.code, 130, "{watch:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_as_json_parses_and_filters() {
+    let (server, _runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let mut jobs = server.jobs().await;
+    let good = submit(&mut jobs, sh("true")).await;
+    let bad = submit(&mut jobs, sh("exit 4")).await;
+    wait_for_status(&mut jobs, &good, JobStatus::Succeeded).await;
+    wait_for_status(&mut jobs, &bad, JobStatus::Failed).await;
+    let run = gantry(&url, &token, &["-o", "json", "jobs", "--status", "failed"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).expect("jobs -o json is JSON");
+    let listed = v["jobs"].as_array().expect("jobs array");
+    assert_eq!(listed.len(), 1, "{v}");
+    assert_eq!(listed[0]["id"], bad.as_str());
+    assert_eq!(listed[0]["status"], "failed");
+    assert_eq!(listed[0]["failure_kind"], "exit_nonzero");
+    assert_eq!(listed[0]["exit_code"], 4);
+    let all = gantry(&url, &token, &["-o", "json", "jobs"]).await;
+    let v: serde_json::Value = serde_json::from_str(&all.stdout).expect("JSON");
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(2));
+    // Newest first.
+    assert_eq!(v["jobs"][0]["id"], bad.as_str());
+    let one = gantry(&url, &token, &["-o", "json", "get", &good]).await;
+    let v: serde_json::Value = serde_json::from_str(&one.stdout).expect("JSON");
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(v["attempts"][0]["exit_code"], 0);
+    for read in [&["-o", "json", "runners"][..], &["-o", "json", "stats"]] {
+        let run = gantry(&url, &token, read).await;
+        serde_json::from_str::<serde_json::Value>(&run.stdout)
+            .unwrap_or_else(|e| panic!("{read:?} is not JSON ({e}): {}", run.stdout));
+    }
+    // The table is for people: the ids are there.
+    let table = gantry(&url, &token, &["jobs"]).await;
+    assert!(
+        table.stdout.contains(&good) && table.stdout.contains(&bad),
+        "{}",
+        table.stdout
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_one_line_and_the_exit_status_that_fits() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let cases: Vec<(Vec<&str>, &str, &str, i32, &str)> = vec![
+        (
+            vec!["submit", "--label", "gpu", "--", "true"],
+            &url,
+            &token,
+            2,
+            "KEY=VALUE",
+        ),
+        (
+            vec!["submit", "--timeout", "-5s", "--", "true"],
+            &url,
+            &token,
+            2,
+            "not a duration",
+        ),
+        (
+            vec!["submit", "--priority", "5000", "--", "true"],
+            &url,
+            &token,
+            1,
+            "spec.priority",
+        ),
+        (
+            vec!["submit", "--label", "Bad Key=x", "--", "true"],
+            &url,
+            &token,
+            1,
+            "spec.labels",
+        ),
+        (vec!["get", "not-a-uuid"], &url, &token, 1, "job_id"),
+        (
+            vec!["jobs"],
+            "http://127.0.0.1:9",
+            &token,
+            3,
+            "cannot reach the server at http://127.0.0.1:9",
+        ),
+        (
+            vec!["jobs"],
+            &url,
+            "wrong-token",
+            4,
+            "authentication failed",
+        ),
+    ];
+    for (args, server_url, token, code, needle) in cases {
+        let run = gantry(server_url, token, &args).await;
+        assert_eq!(run.code, code, "{args:?}: {run:?}");
+        assert_eq!(
+            run.stderr.lines().count(),
+            1,
+            "{args:?}: one line: {}",
+            run.stderr
+        );
+        assert!(
+            run.stderr.starts_with("error: "),
+            "{args:?}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(needle), "{args:?}: {}", run.stderr);
+        assert!(
+            !run.stderr.contains("Status {"),
+            "no debug dumps: {}",
+            run.stderr
+        );
+    }
+    // None of it changed anything.
+    let listed = gantry(&url, &server.api_token, &["-o", "json", "jobs"]).await;
+    let v: serde_json::Value = serde_json::from_str(&listed.stdout).expect("JSON");
+    assert_eq!(v["jobs"].as_array().map(Vec::len), Some(0));
+    server.stop().await;
+}
+
+/// Kills a `gantry dev` left running by a failed test.
+struct Reap(Option<std::process::Child>);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gantry_dev_serves_a_job_end_to_end_and_stops_on_sigint() {
+    let data = tempfile::tempdir().expect("data dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut child = std::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env_remove("GANTRY_TOKEN")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn gantry dev");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut dev = Reap(Some(child));
+    // The banner says what to paste; read it as a newcomer would.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut server, mut token) = (None, None);
+    while server.is_none() || token.is_none() {
+        let line = rx
+            .recv_timeout(gantry_tests::PATIENCE)
+            .expect("gantry dev prints its exports");
+        if let Some(v) = line.trim().strip_prefix("export GANTRY_SERVER=") {
+            server = Some(v.to_string());
+        }
+        if let Some(v) = line.trim().strip_prefix("export GANTRY_TOKEN=") {
+            token = Some(v.trim_matches('\'').to_string());
+        }
+    }
+    let (server, token) = (server.unwrap_or_default(), token.unwrap_or_default());
+    assert_eq!(server, format!("http://127.0.0.1:{port}"));
+    let run = gantry(
+        &server,
+        &token,
+        &[
+            "submit",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo hello from gantry",
+        ],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert_eq!(run.stdout, "hello from gantry\n");
+    let runners = gantry(&server, &token, &["-o", "json", "runners"]).await;
+    let v: serde_json::Value = serde_json::from_str(&runners.stdout).expect("JSON");
+    assert_eq!(v["runners"][0]["state"], "online", "{v}");
+    // Ctrl-C stops both, cleanly.
+    let child = dev.0.as_mut().expect("running");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("SIGINT");
+    let status = eventually("gantry dev exits after SIGINT", || {
+        let status = child.try_wait().ok().flatten();
+        async move { status }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+    dev.0 = None;
+    let gone = gantry(&server, &token, &["jobs"]).await;
+    assert_eq!(gone.code, 3, "the server stopped: {gone:?}");
+}
+
+/// A tmux server of the test's own (its own socket), killed when the test ends.
+struct Tmux(String);
+
+impl Tmux {
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .arg("-L")
+            .arg(&self.0)
+            .args(args)
+            .output()
+            .expect("tmux (scripts/test.sh installs it)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_renders_a_live_progress_bar_in_a_real_terminal() {
+    let (server, _runner) = system().await;
+    let mut jobs = server.jobs().await;
+    let gate = tempfile::tempdir().expect("gate dir");
+    let go = gate.path().join("go");
+    let id = submit(
+        &mut jobs,
+        sh(&format!(
+            "echo '::progress 40 loading data::'; while [ ! -e {} ]; do sleep 0.05; done; echo '::progress 100 done::'",
+            go.display()
+        )),
+    )
+    .await;
+    let tmux = Tmux(format!("gantry-test-{}", uuid::Uuid::new_v4().simple()));
+    let command = format!(
+        "GANTRY_SERVER={} GANTRY_TOKEN={} {} watch {id}; echo EXIT=$?; sleep 600",
+        server.url(),
+        server.api_token,
+        binary("gantry", "GANTRY_CLI_BIN").display()
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "watch",
+        "-x",
+        "120",
+        "-y",
+        "20",
+        &command,
+    ]);
+    let screen = |tmux: &Tmux| tmux.run(&["capture-pane", "-p", "-t", "watch"]);
+    let mid = eventually("the bar shows 40 % and the stage", || {
+        let s = screen(&tmux);
+        async move { (s.contains(" 40%") && s.contains("loading data")).then_some(s) }
+    })
+    .await;
+    // A bar, not lines: the running line shows the status and a partly filled bar.
+    let bar_line = mid
+        .lines()
+        .find(|l| l.contains(" 40%"))
+        .expect("the bar line");
+    assert!(
+        bar_line.contains("running") && bar_line.contains("[") && bar_line.contains("="),
+        "{mid}"
+    );
+    assert!(mid.contains("status assigned -> running"), "{mid}");
+    std::fs::write(&go, b"").expect("open the gate");
+    let end = eventually("watch ends with exit 0", || {
+        let s = screen(&tmux);
+        async move { s.contains("EXIT=0").then_some(s) }
+    })
+    .await;
+    assert!(
+        end.contains("100%") && end.contains(&format!("job {id} succeeded")),
+        "{end}"
+    );
+    server.stop().await;
+}
