@@ -53,6 +53,32 @@ async fn submit_wait_prints_the_output_and_returns_the_jobs_exit_code() {
     assert_eq!(failed.code, 7, "{failed:?}");
     assert_eq!(failed.stdout, "partial\n");
     assert!(failed.stderr.contains("exit code 7"), "{failed:?}");
+    // The output of a finished job, one stream at a time.
+    let id = failed
+        .stderr
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("job ")
+                .and_then(|r| r.split_whitespace().next())
+        })
+        .expect("the job id on stderr")
+        .trim_end_matches(':')
+        .to_string();
+    let out = gantry(&url, &token, &["logs", &id, "--stream", "stdout"]).await;
+    assert_eq!((out.code, out.stdout.as_str()), (0, "partial\n"), "{out:?}");
+    let err = gantry(&url, &token, &["logs", &id, "--stream", "stderr"]).await;
+    assert_eq!(
+        (err.code, err.stdout.as_str(), err.stderr.as_str()),
+        (0, "", ""),
+        "{err:?}"
+    );
+    // Retry submits the spec again as a new job, which fails the same way.
+    let retried = gantry(&url, &token, &["retry", &id]).await;
+    assert_eq!(retried.code, 0, "{retried:?}");
+    let new_id = retried.stdout.trim().to_string();
+    assert_ne!(new_id, id);
+    let watch = gantry(&url, &token, &["watch", &new_id]).await;
+    assert_eq!(watch.code, 7, "{watch:?}");
     let timed_out = gantry(
         &url,
         &token,
@@ -176,6 +202,45 @@ async fn cancel_turns_a_running_job_canceled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runners_and_drain_as_an_operator_sees_them() {
+    let (server, mut runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let id = runner.id().await;
+    let table = eventually("the runner is listed online", || {
+        let (url, token, id) = (url.clone(), token.clone(), id.clone());
+        async move {
+            let t = gantry(&url, &token, &["runners"]).await;
+            (t.stdout.contains(&id) && t.stdout.contains("online")).then_some(t)
+        }
+    })
+    .await;
+    assert_eq!(table.code, 0);
+    let drained = gantry(&url, &token, &["drain", &id, "--reason", "maintenance"]).await;
+    assert_eq!(drained.code, 0, "{drained:?}");
+    assert_eq!(drained.stdout.trim(), format!("{id} draining"));
+    // The runner drains and leaves.
+    assert_eq!(runner.wait().await, 0, "{}", runner.log());
+    let offline = gantry(
+        &url,
+        &token,
+        &["-o", "json", "runners", "--state", "offline"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&offline.stdout).expect("JSON");
+    assert_eq!(v["runners"][0]["id"], id.as_str(), "{v}");
+    let stats = gantry(&url, &token, &["stats"]).await;
+    assert!(stats.stdout.contains("offline 1"), "{stats:?}");
+    let unknown = gantry(
+        &url,
+        &token,
+        &["drain", "01a1fcf4-0000-7000-8000-000000000000"],
+    )
+    .await;
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_as_json_parses_and_filters() {
     let (server, _runner) = system().await;
     let (url, token) = (server.url(), server.api_token.clone());
@@ -207,13 +272,33 @@ async fn jobs_as_json_parses_and_filters() {
         serde_json::from_str::<serde_json::Value>(&run.stdout)
             .unwrap_or_else(|e| panic!("{read:?} is not JSON ({e}): {}", run.stdout));
     }
-    // The table is for people: the ids are there.
-    let table = gantry(&url, &token, &["jobs"]).await;
-    assert!(
-        table.stdout.contains(&good) && table.stdout.contains(&bad),
-        "{}",
-        table.stdout
-    );
+    // Pages: one job per page, then the next page from the token.
+    let first = gantry(&url, &token, &["-o", "json", "jobs", "--limit", "1"]).await;
+    let v: serde_json::Value = serde_json::from_str(&first.stdout).expect("JSON");
+    assert_eq!(v["jobs"][0]["id"], bad.as_str());
+    let next = v["next_page_token"]
+        .as_str()
+        .expect("a next page")
+        .to_string();
+    let second = gantry(
+        &url,
+        &token,
+        &["-o", "json", "jobs", "--limit", "1", "--page-token", &next],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&second.stdout).expect("JSON");
+    assert_eq!(v["jobs"][0]["id"], good.as_str());
+    // The table is for people: the ids are there, and no colour codes go into a pipe even
+    // when NO_COLOR is not set.
+    let table = tokio::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+        .args(["--server", &url, "--token", &token, "jobs"])
+        .env_remove("NO_COLOR")
+        .output()
+        .await
+        .expect("run gantry");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains(&good) && table.contains(&bad), "{table}");
+    assert!(!table.contains('\x1b'), "{table:?}");
     server.stop().await;
 }
 

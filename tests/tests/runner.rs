@@ -941,6 +941,20 @@ async fn a_runner_reaches_a_tls_server_through_its_ca() {
     wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
     assert_eq!(get(&mut jobs, &id).await.attempts[0].runner_id, runner_id);
     assert_eq!(logs(&mut jobs, &id).await.0, b"over-tls\n");
+    // The CLI reaches it through the same CA.
+    let cli = tokio::process::Command::new(gantry_tests::procs::binary("gantry", "GANTRY_CLI_BIN"))
+        .args([
+            "--server",
+            &format!("https://localhost:{}", server.addr.port()),
+        ])
+        .args(["--token", &server.api_token, "--tls-ca"])
+        .arg(&crt)
+        .args(["get", &id])
+        .output()
+        .await
+        .expect("run gantry");
+    assert!(cli.status.success(), "{cli:?}");
+    assert!(String::from_utf8_lossy(&cli.stdout).contains("succeeded"));
     server.stop().await;
 }
 
