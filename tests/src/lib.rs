@@ -99,6 +99,29 @@ impl Interceptor for Bearer {
 /// An authenticated channel.
 pub type Authed = InterceptedService<Channel, Bearer>;
 
+/// A database of its own for a test or a benchmark (a SQLite file in a temp dir, or a fresh
+/// PostgreSQL database), removed by [`TestDatabase::remove`].
+pub struct TestDatabase(Prepared);
+
+impl TestDatabase {
+    /// Prepares one on `db`.
+    pub async fn new(db: &Db) -> TestDatabase {
+        TestDatabase(prepare(db).await)
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> &str {
+        &self.0.url
+    }
+
+    /// Drops it (a PostgreSQL database; a SQLite file goes with its temp dir).
+    pub async fn remove(mut self) {
+        if let Some((admin, name)) = self.0.drop_db.take() {
+            drop_database(&admin, &name).await;
+        }
+    }
+}
+
 /// A database prepared for a test, kept across server restarts.
 struct Prepared {
     url: String,

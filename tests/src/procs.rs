@@ -4,12 +4,7 @@
 //! The binaries are the ones cargo built next to the test executable (`target/<profile>/`);
 //! `cargo test --workspace` builds them because their packages have integration tests of
 //! their own. `GANTRY_RUNNER_BIN` / `GANTRY_SERVER_BIN` override the paths.
-use std::{
-    collections::HashMap,
-    path::{Path, PathBuf},
-    process::Stdio,
-    time::Duration,
-};
+use std::{collections::HashMap, path::PathBuf, process::Stdio, time::Duration};
 
 use bollard::{Docker, query_parameters::ListContainersOptions};
 use gantry_proto as pb;
@@ -25,11 +20,11 @@ pub fn binary(name: &str, env: &str) -> PathBuf {
         return PathBuf::from(p);
     }
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable under target/<profile>/deps");
+    // target/<profile>/deps/<test> or target/<profile>/<bin> -> target/<profile>/<name>
+    let mut dir = exe.parent().expect("executable in a directory");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target/<profile>");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -357,11 +352,17 @@ pub struct ServerProcess {
     dir: tempfile::TempDir,
     child: Option<Child>,
     args: Vec<String>,
+    database_url: Option<String>,
 }
 
 impl ServerProcess {
     /// Starts a server with extra flags; waits until it answers.
     pub async fn start(args: &[&str]) -> ServerProcess {
+        Self::start_on(None, args).await
+    }
+
+    /// Starts a server on `database_url` (default: a SQLite file of its own).
+    pub async fn start_on(database_url: Option<String>, args: &[&str]) -> ServerProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -376,9 +377,15 @@ impl ServerProcess {
             dir: tempfile::tempdir().expect("server dir"),
             child: None,
             args: args.iter().map(|s| s.to_string()).collect(),
+            database_url,
         };
         s.spawn().await;
         s
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     async fn spawn(&mut self) {
@@ -387,10 +394,12 @@ impl ServerProcess {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("server log");
-        let db = format!(
-            "sqlite://{}?mode=rwc",
-            self.dir.path().join("g.db").display()
-        );
+        let db = self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.dir.path().join("g.db").display()
+            )
+        });
         let child = tokio::process::Command::new(binary("gantry-server", "GANTRY_SERVER_BIN"))
             .args(["--listen", &self.listen, "--database-url", &db])
             .args(["--api-token", &self.api_token])

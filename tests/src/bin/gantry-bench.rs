@@ -1,0 +1,1124 @@
+//! `gantry-bench`: how many jobs Gantry moves, how fast a job starts and a cancel lands, how
+//! many runner sessions one server holds, how fast logs go in and out, and what the docker
+//! executor costs — each next to the raw limit of the same machine, measured in the same run.
+//!
+//! The server is the real `gantry-server` binary (a SQLite file in WAL mode, or PostgreSQL),
+//! driven over real gRPC by simulated runners that speak the real `Session` protocol and
+//! complete jobs at once. The docker scenario uses a real `gantry-runner` and the real engine.
+//! References: the server's own `grpc.health.v1` unary RPC (raw tonic: rate and round trip)
+//! and raw SQLite commits with the server's pragmas.
+//!
+//! `--quick` runs everything small (well under a minute) so CI can check that the tool works;
+//! CI never checks the figures.
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Parser;
+use gantry_proto as pb;
+use gantry_tests::{
+    Bearer, Db, TestDatabase,
+    procs::{RunnerProcess, ServerProcess, busybox_image, docker},
+};
+use pb::{
+    job_service_client::JobServiceClient, runner_service_client::RunnerServiceClient,
+    session_request::Kind as Out, session_response::Kind as In,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+#[derive(Parser, Debug)]
+#[command(name = "gantry-bench")]
+struct Args {
+    /// Everything small: checks that the tool works (CI), not what the figures are.
+    #[arg(long)]
+    quick: bool,
+    /// Print the results as JSON.
+    #[arg(long)]
+    json: bool,
+    /// No-op jobs in the throughput scenario.
+    #[arg(long)]
+    jobs: Option<usize>,
+    /// Simulated runners in the throughput scenario.
+    #[arg(long, default_value_t = 8)]
+    runners: usize,
+    /// Idle sessions in the sessions scenario.
+    #[arg(long)]
+    sessions: Option<usize>,
+    /// MiB of log output in the log scenario.
+    #[arg(long)]
+    log_mib: Option<usize>,
+    /// PostgreSQL admin URL for the PostgreSQL run (default: GANTRY_TEST_POSTGRES_URL).
+    #[arg(long, env = "GANTRY_TEST_POSTGRES_URL")]
+    postgres_url: Option<String>,
+    /// Skip the docker scenario.
+    #[arg(long)]
+    no_docker: bool,
+}
+
+/// One measured figure.
+struct Figure {
+    scenario: &'static str,
+    name: String,
+    value: f64,
+    unit: &'static str,
+    reference: Option<(String, f64)>,
+    target: &'static str,
+}
+
+#[derive(Default)]
+struct Report(Vec<Figure>);
+
+impl Report {
+    fn add(
+        &mut self,
+        scenario: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        target: &'static str,
+    ) {
+        self.0.push(Figure {
+            scenario,
+            name: name.into(),
+            value,
+            unit,
+            reference: None,
+            target,
+        });
+    }
+
+    fn add_vs(
+        &mut self,
+        scenario: &'static str,
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        reference: (&str, f64),
+        target: &'static str,
+    ) {
+        self.0.push(Figure {
+            scenario,
+            name: name.into(),
+            value,
+            unit,
+            reference: Some((reference.0.to_string(), reference.1)),
+            target,
+        });
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<10} {:<34} {:>12} {:<6} {:>8}  {:<34} TARGET",
+            "SCENARIO", "FIGURE", "VALUE", "UNIT", "RATIO", "REFERENCE"
+        );
+        for f in &self.0 {
+            let (ratio, reference) = match &f.reference {
+                Some((name, v)) if *v > 0.0 => (
+                    format!("{:.3}", f.value / v),
+                    format!("{name} = {}", fmt(*v)),
+                ),
+                _ => (String::new(), String::new()),
+            };
+            println!(
+                "{:<10} {:<34} {:>12} {:<6} {:>8}  {:<34} {}",
+                f.scenario,
+                f.name,
+                fmt(f.value),
+                f.unit,
+                ratio,
+                reference,
+                f.target
+            );
+        }
+    }
+
+    fn json(&self, machine: Value) -> Value {
+        json!({
+            "machine": machine,
+            "figures": self.0.iter().map(|f| json!({
+                "scenario": f.scenario,
+                "name": f.name,
+                "value": f.value,
+                "unit": f.unit,
+                "reference": f.reference.as_ref().map(|(n, v)| json!({"name": n, "value": v})),
+                "ratio": f.reference.as_ref().filter(|(_, v)| *v > 0.0).map(|(_, v)| f.value / v),
+                "target": f.target,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// Percentile (0..=100) of sorted samples, in milliseconds.
+fn pct(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)].as_secs_f64() * 1000.0
+}
+
+async fn channel(url: &str) -> Channel {
+    Channel::from_shared(url.to_string())
+        .expect("url")
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .expect("connect to the server")
+}
+
+/// What simulated runners saw, keyed by job id.
+#[derive(Default)]
+struct Seen {
+    assigned: Mutex<HashMap<String, (Instant, String)>>,
+    canceled: Mutex<HashMap<String, Instant>>,
+    finished: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+/// How a simulated runner treats its assignments.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Reports RUNNING and SUCCEEDED at once.
+    Complete,
+    /// Holds them (until canceled, which it confirms).
+    Hold,
+}
+
+/// A simulated runner on the real Session protocol (its session lasts as long as this does).
+struct SimRunner {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SimRunner {
+    fn drop(&mut self) {
+        // Its tasks hold the stream's sender: ending them closes the session.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn register(
+    channel: &Channel,
+    reg_token: &str,
+    name: &str,
+    capacity: u32,
+) -> (String, RunnerServiceClient<Authed>) {
+    let mut reg = RunnerServiceClient::with_interceptor(channel.clone(), Bearer::new(reg_token));
+    let r = reg
+        .register(pb::RegisterRequest {
+            name: name.into(),
+            capacity,
+            executors: vec![
+                pb::ExecutorKind::Process as i32,
+                pb::ExecutorKind::Docker as i32,
+            ],
+            ..Default::default()
+        })
+        .await
+        .expect("register")
+        .into_inner();
+    let client = RunnerServiceClient::with_interceptor(channel.clone(), Bearer::new(&r.credential));
+    (r.runner_id, client)
+}
+
+impl SimRunner {
+    async fn start(
+        channel: &Channel,
+        reg_token: &str,
+        name: &str,
+        capacity: u32,
+        mode: Mode,
+        seen: Arc<Seen>,
+    ) -> SimRunner {
+        let (_, mut client) = register(channel, reg_token, name, capacity).await;
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(pb::SessionRequest {
+            kind: Some(Out::Hello(pb::Hello {
+                free_slots: capacity,
+                held: vec![],
+            })),
+        })
+        .await
+        .expect("hello");
+        let mut inbound = client
+            .session(ReceiverStream::new(rx))
+            .await
+            .expect("session")
+            .into_inner();
+        let out = tx.clone();
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(msg)) = inbound.next().await {
+                let now = Instant::now();
+                match msg.kind {
+                    Some(In::Assignment(a)) => {
+                        seen.assigned
+                            .lock()
+                            .expect("lock")
+                            .insert(a.job_id.clone(), (now, a.lease_id.clone()));
+                        if mode == Mode::Complete {
+                            let reports = vec![
+                                report(&a.job_id, &a.lease_id, 1, pb::JobStatus::Running),
+                                report(&a.job_id, &a.lease_id, 2, pb::JobStatus::Succeeded),
+                            ];
+                            let _ = out
+                                .send(pb::SessionRequest {
+                                    kind: Some(Out::Reports(pb::ReportBatch { reports })),
+                                })
+                                .await;
+                        }
+                    }
+                    Some(In::Acks(acks)) => {
+                        let done = acks.acks.iter().filter(|a| a.acked_sequence >= 2).count();
+                        if done > 0 {
+                            seen.finished.fetch_add(done as u64, Ordering::Relaxed);
+                            seen.notify.notify_waiters();
+                            let _ = out
+                                .send(pb::SessionRequest {
+                                    kind: Some(Out::Credits(pb::Credits { slots: done as u32 })),
+                                })
+                                .await;
+                        }
+                    }
+                    Some(In::Command(c)) => {
+                        if let Some(pb::command::Kind::Cancel(cancel)) = c.kind {
+                            seen.canceled
+                                .lock()
+                                .expect("lock")
+                                .insert(cancel.job_id.clone(), now);
+                            seen.notify.notify_waiters();
+                            let _ = out
+                                .send(pb::SessionRequest {
+                                    kind: Some(Out::CommandAck(pb::AckCommandRequest {
+                                        sequence: c.sequence,
+                                    })),
+                                })
+                                .await;
+                            let _ = out
+                                .send(pb::SessionRequest {
+                                    kind: Some(Out::Reports(pb::ReportBatch {
+                                        reports: vec![report(
+                                            &cancel.job_id,
+                                            &cancel.lease_id,
+                                            2,
+                                            pb::JobStatus::Canceled,
+                                        )],
+                                    })),
+                                })
+                                .await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        });
+        // Heartbeats keep the session (and the leases) alive.
+        let beat = tx;
+        let beater = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                if beat
+                    .send(pb::SessionRequest {
+                        kind: Some(Out::Heartbeat(pb::HeartbeatRequest::default())),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        SimRunner {
+            tasks: vec![reader, beater],
+        }
+    }
+}
+
+fn report(job: &str, lease: &str, sequence: u64, status: pb::JobStatus) -> pb::Report {
+    pb::Report {
+        job_id: job.into(),
+        lease_id: lease.into(),
+        sequence,
+        body: Some(pb::report::Body::Status(pb::StatusReport {
+            status: status as i32,
+            exit_code: (status == pb::JobStatus::Succeeded).then_some(0),
+            ..Default::default()
+        })),
+    }
+}
+
+fn noop() -> pb::JobSpec {
+    pb::JobSpec {
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+}
+
+async fn submit(jobs: &mut JobServiceClient<Authed>) -> String {
+    jobs.submit_job(pb::SubmitJobRequest { spec: Some(noop()) })
+        .await
+        .expect("submit")
+        .into_inner()
+        .job
+        .expect("job")
+        .id
+}
+
+/// Submits `n` no-op jobs from `concurrency` clients; returns when all are submitted.
+async fn submit_many(url: &str, token: &str, n: usize, concurrency: usize) {
+    let left = Arc::new(AtomicU64::new(n as u64));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let left = left.clone();
+        let mut jobs = JobServiceClient::with_interceptor(channel(url).await, Bearer::new(token));
+        tasks.push(tokio::spawn(async move {
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| v.checked_sub(1))
+                .is_ok()
+            {
+                submit(&mut jobs).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("submitter");
+    }
+}
+
+async fn wait_finished(seen: &Seen, n: u64) {
+    loop {
+        let notified = seen.notify.notified();
+        if seen.finished.load(Ordering::Relaxed) >= n {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+    }
+}
+
+/// Throughput: N no-op jobs, submit to final status, through M simulated runners.
+async fn throughput(server: &ServerProcess, n: usize, runners: usize) -> f64 {
+    let seen = Arc::new(Seen::default());
+    let ch = channel(&server.url).await;
+    let mut sims = Vec::new();
+    for i in 0..runners {
+        sims.push(
+            SimRunner::start(
+                &ch,
+                &server.registration_token,
+                &format!("tp-{i}"),
+                256,
+                Mode::Complete,
+                seen.clone(),
+            )
+            .await,
+        );
+    }
+    let start = Instant::now();
+    let submitting = submit_many(&server.url, &server.api_token, n, 32);
+    let (_, ()) = tokio::join!(submitting, wait_finished(&seen, n as u64));
+    let elapsed = start.elapsed();
+    drop(sims);
+    n as f64 / elapsed.as_secs_f64()
+}
+
+/// Start latency: submit → the runner holds the assignment.
+async fn start_latency(
+    server: &ServerProcess,
+    samples: usize,
+    background_rate: f64,
+) -> Vec<Duration> {
+    let seen = Arc::new(Seen::default());
+    let ch = channel(&server.url).await;
+    let _sim = SimRunner::start(
+        &ch,
+        &server.registration_token,
+        "latency",
+        1024,
+        Mode::Complete,
+        seen.clone(),
+    )
+    .await;
+    // Background load at a fixed rate, if asked.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut background = Vec::new();
+    if background_rate > 0.0 {
+        let workers = 16;
+        let per = Duration::from_secs_f64(workers as f64 / background_rate);
+        for _ in 0..workers {
+            let stop = stop.clone();
+            let mut jobs = JobServiceClient::with_interceptor(
+                channel(&server.url).await,
+                Bearer::new(&server.api_token),
+            );
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(per);
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    submit(&mut jobs).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut jobs = JobServiceClient::with_interceptor(ch.clone(), Bearer::new(&server.api_token));
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        let id = submit(&mut jobs).await;
+        let at = loop {
+            let notified = seen.notify.notified();
+            if let Some((at, _)) = seen.assigned.lock().expect("lock").get(&id) {
+                break *at;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        };
+        out.push(at.saturating_duration_since(t0));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for b in background {
+        let _ = b.await;
+    }
+    out.sort();
+    out
+}
+
+/// Cancel latency: CancelJob sent → the runner holds the cancel command.
+async fn cancel_latency(server: &ServerProcess, samples: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let seen = Arc::new(Seen::default());
+    let ch = channel(&server.url).await;
+    let _sim = SimRunner::start(
+        &ch,
+        &server.registration_token,
+        "holder",
+        64,
+        Mode::Hold,
+        seen.clone(),
+    )
+    .await;
+    let mut jobs = JobServiceClient::with_interceptor(ch.clone(), Bearer::new(&server.api_token));
+    let (mut to_command, mut to_return) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        let id = submit(&mut jobs).await;
+        loop {
+            let notified = seen.notify.notified();
+            if seen.assigned.lock().expect("lock").contains_key(&id) {
+                break;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        }
+        let t0 = Instant::now();
+        jobs.cancel_job(pb::CancelJobRequest {
+            job_id: id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("cancel");
+        to_return.push(t0.elapsed());
+        let at = loop {
+            let notified = seen.notify.notified();
+            if let Some(at) = seen.canceled.lock().expect("lock").get(&id) {
+                break *at;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+        };
+        to_command.push(at.saturating_duration_since(t0));
+    }
+    to_command.sort();
+    to_return.sort();
+    (to_command, to_return)
+}
+
+fn rss_kib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(f64::NAN)
+}
+
+/// Idle sessions: K runners registered, K sessions open; the server's RSS per session.
+async fn sessions(k: usize) -> (f64, f64, f64) {
+    raise_fd_limit();
+    let server = ServerProcess::start(&[]).await;
+    let pid = server.pid().expect("server pid");
+    let per_connection = 200;
+    let mut channels = Vec::new();
+    for _ in 0..k.div_ceil(per_connection).max(1) {
+        channels.push(channel(&server.url).await);
+    }
+    // Registration is not what is measured: done first, 64 at a time.
+    let mut clients = Vec::with_capacity(k);
+    let mut pending = futures::stream::FuturesUnordered::new();
+    for i in 0..k {
+        let ch = channels[i / per_connection].clone();
+        let reg = server.registration_token.clone();
+        pending.push(async move { register(&ch, &reg, &format!("idle-{i}"), 1).await.1 });
+        if pending.len() >= 64
+            && let Some(c) = pending.next().await
+        {
+            clients.push(c);
+        }
+    }
+    while let Some(c) = pending.next().await {
+        clients.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib(pid);
+    let start = Instant::now();
+    let mut open = Vec::with_capacity(k);
+    let mut opening = futures::stream::FuturesUnordered::new();
+    for mut client in clients {
+        opening.push(async move {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(pb::SessionRequest {
+                kind: Some(Out::Hello(pb::Hello {
+                    free_slots: 0,
+                    held: vec![],
+                })),
+            })
+            .await
+            .expect("hello");
+            let mut inbound = client
+                .session(ReceiverStream::new(rx))
+                .await
+                .expect("session")
+                .into_inner();
+            let _welcome = inbound.next().await;
+            (tx, inbound)
+        });
+        if opening.len() >= 256
+            && let Some(s) = opening.next().await
+        {
+            open.push(s);
+        }
+    }
+    while let Some(s) = opening.next().await {
+        open.push(s);
+    }
+    let open_secs = start.elapsed().as_secs_f64();
+    // Idle for a few seconds (within the server's silence limit, so no heartbeat is needed;
+    // at the default 30 s lease a real runner would send one every 10 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    drop(open);
+    let per_session_kib = (after - before) / k as f64;
+    (after / 1024.0, per_session_kib, k as f64 / open_secs)
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+/// Log ingest: one attempt's output in 256 KiB reports, pipelined; then read back.
+async fn log_ingest(server: &ServerProcess, mib: usize) -> (f64, f64) {
+    let ch = channel(&server.url).await;
+    let (_, mut client) = register(&ch, &server.registration_token, "logger", 1).await;
+    let mut jobs = JobServiceClient::with_interceptor(ch.clone(), Bearer::new(&server.api_token));
+    let id = submit(&mut jobs).await;
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(pb::SessionRequest {
+        kind: Some(Out::Hello(pb::Hello {
+            free_slots: 1,
+            held: vec![],
+        })),
+    })
+    .await
+    .expect("hello");
+    let mut inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    let lease = loop {
+        match inbound.next().await {
+            Some(Ok(pb::SessionResponse {
+                kind: Some(In::Assignment(a)),
+            })) => break a.lease_id,
+            Some(Ok(_)) => continue,
+            other => panic!("no assignment: {other:?}"),
+        }
+    };
+    let chunk = vec![b'x'; 256 * 1024];
+    let chunks = mib * 4;
+    let per_batch = 4;
+    let in_flight_max = 8;
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut acked = 0u64;
+    let mut seq = 0u64;
+    let mut offset = 0u64;
+    let mut in_flight = 0usize;
+    while acked < chunks as u64 {
+        while in_flight < in_flight_max && sent < chunks {
+            let mut reports = Vec::new();
+            for _ in 0..per_batch.min(chunks - sent) {
+                seq += 1;
+                reports.push(pb::Report {
+                    job_id: id.clone(),
+                    lease_id: lease.clone(),
+                    sequence: seq,
+                    body: Some(pb::report::Body::Log(pb::LogData {
+                        stream: pb::LogStream::Stdout as i32,
+                        offset,
+                        data: chunk.clone(),
+                    })),
+                });
+                offset += chunk.len() as u64;
+                sent += 1;
+            }
+            tx.send(pb::SessionRequest {
+                kind: Some(Out::Reports(pb::ReportBatch { reports })),
+            })
+            .await
+            .expect("send");
+            in_flight += 1;
+        }
+        match inbound.next().await {
+            Some(Ok(pb::SessionResponse {
+                kind: Some(In::Acks(a)),
+            })) => {
+                in_flight = in_flight.saturating_sub(1);
+                acked = a
+                    .acks
+                    .iter()
+                    .map(|a| a.acked_sequence)
+                    .max()
+                    .unwrap_or(acked);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("log ingest stream ended: {other:?}"),
+        }
+    }
+    let write_secs = start.elapsed().as_secs_f64();
+    let bytes = offset as f64;
+    // Read it all back.
+    let start = Instant::now();
+    let mut stream = jobs
+        .get_logs(pb::GetLogsRequest {
+            job_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get logs")
+        .into_inner();
+    let mut read = 0u64;
+    while let Some(c) = stream.next().await {
+        read += c.expect("chunk").data.len() as u64;
+    }
+    let read_secs = start.elapsed().as_secs_f64();
+    assert_eq!(read, offset, "every byte reads back");
+    (bytes / 1e6 / write_secs, bytes / 1e6 / read_secs)
+}
+
+/// The server's unary health check: the raw tonic rate (64 concurrent clients) and round trip.
+async fn tonic_reference(url: &str, secs: f64, rtt_samples: usize) -> (f64, Vec<Duration>) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let ch = channel(url).await;
+    let mut client = HealthClient::new(ch.clone());
+    let mut rtt = Vec::with_capacity(rtt_samples);
+    for _ in 0..rtt_samples {
+        let t0 = Instant::now();
+        client
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("health");
+        rtt.push(t0.elapsed());
+    }
+    rtt.sort();
+    let count = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let mut client = HealthClient::new(ch.clone());
+        let count = count.clone();
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                if client.check(HealthCheckRequest::default()).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let start = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    (
+        count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64(),
+        rtt,
+    )
+}
+
+/// Raw SQLite commits per second with the server's pragmas (WAL, synchronous=NORMAL), one
+/// row per transaction.
+async fn sqlite_reference(secs: f64) -> f64 {
+    use sea_orm::{ConnectionTrait, Database, TransactionTrait};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("raw.db").display());
+    let mut opts = sea_orm::ConnectOptions::new(url);
+    opts.sqlx_logging(false).max_connections(1);
+    opts.map_sqlx_sqlite_opts(|o| {
+        o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+    });
+    let db = Database::connect(opts).await.expect("sqlite");
+    db.execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+        .await
+        .expect("create");
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let txn = db.begin().await.expect("begin");
+        txn.execute_unprepared("INSERT INTO t (v) VALUES ('x')")
+            .await
+            .expect("insert");
+        txn.commit().await.expect("commit");
+        n += 1;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Docker: a real job through a real runner vs. a bare create+start+wait+remove.
+async fn docker_overhead(samples: usize) -> (f64, f64) {
+    use bollard::query_parameters::{
+        CreateContainerOptions, RemoveContainerOptions, WaitContainerOptions,
+    };
+    let image = busybox_image().await;
+    let engine = docker().await;
+    let mut bare = Vec::new();
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        let c = engine
+            .create_container(
+                None::<CreateContainerOptions>,
+                bollard::models::ContainerCreateBody {
+                    image: Some(image.clone()),
+                    cmd: Some(vec!["true".into()]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create");
+        engine.start_container(&c.id, None).await.expect("start");
+        let _ = engine
+            .wait_container(
+                &c.id,
+                Some(WaitContainerOptions {
+                    condition: "not-running".into(),
+                }),
+            )
+            .next()
+            .await;
+        engine
+            .remove_container(
+                &c.id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await
+            .expect("remove");
+        bare.push(t0.elapsed());
+    }
+    let server = ServerProcess::start(&[]).await;
+    let _runner = RunnerProcess::start_for(
+        &server.url,
+        &server.registration_token,
+        "bench-docker",
+        &["--executors", "docker"],
+    );
+    let mut jobs = server.jobs().await;
+    let mut full = Vec::new();
+    // One job first so the runner is registered and warm.
+    for i in 0..=samples {
+        let t0 = Instant::now();
+        let id = jobs
+            .submit_job(pb::SubmitJobRequest {
+                spec: Some(pb::JobSpec {
+                    image: image.clone(),
+                    pull_policy: pb::PullPolicy::Never as i32,
+                    args: vec!["true".into()],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("submit")
+            .into_inner()
+            .job
+            .expect("job")
+            .id;
+        let mut events = jobs
+            .watch_job(pb::WatchJobRequest {
+                job_id: id,
+                after_sequence: 0,
+                follow: true,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        while let Some(e) = events.next().await {
+            e.expect("event");
+        }
+        if i > 0 {
+            full.push(t0.elapsed());
+        }
+    }
+    bare.sort();
+    full.sort();
+    (pct(&full, 50.0), pct(&bare, 50.0))
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    json!({
+        "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu,
+        "memory_gib": (mem * 10.0).round() / 10.0,
+        "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
+    })
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let quick = args.quick;
+    let n = args.jobs.unwrap_or(if quick { 500 } else { 20_000 });
+    let k = args.sessions.unwrap_or(if quick { 300 } else { 10_000 });
+    let mib = args.log_mib.unwrap_or(if quick { 8 } else { 256 });
+    let samples = if quick { 30 } else { 300 };
+    let ref_secs = if quick { 0.5 } else { 3.0 };
+    let mut report = Report::default();
+    let progress = |what: &str| {
+        if !args.json {
+            eprintln!("… {what}");
+        }
+    };
+
+    progress("references: raw tonic unary, raw SQLite commits");
+    let server = ServerProcess::start(&[]).await;
+    let (tonic_rps, rtt) = tonic_reference(&server.url, ref_secs, samples * 3).await;
+    let rtt_p50 = pct(&rtt, 50.0);
+    report.add(
+        "reference",
+        "tonic unary (health) rate",
+        tonic_rps,
+        "rpc/s",
+        "",
+    );
+    report.add("reference", "tonic unary round trip p50", rtt_p50, "ms", "");
+    let sqlite_cps = sqlite_reference(ref_secs).await;
+    report.add(
+        "reference",
+        "sqlite commits (WAL, NORMAL)",
+        sqlite_cps,
+        "txn/s",
+        "",
+    );
+
+    progress(&format!(
+        "throughput: {n} no-op jobs, {} runners, SQLite",
+        args.runners
+    ));
+    let tp = throughput(&server, n, args.runners).await;
+    report.add_vs(
+        "throughput",
+        "jobs/s end to end (sqlite)",
+        tp,
+        "jobs/s",
+        ("tonic unary rate", tonic_rps),
+        ">= 10000 and >= 0.3 x tonic",
+    );
+
+    progress("start latency at light load");
+    let light = start_latency(&server, samples, 0.0).await;
+    report.add_vs(
+        "start",
+        "submit -> assigned p50 (light)",
+        pct(&light, 50.0),
+        "ms",
+        ("tonic rtt p50", rtt_p50),
+        "<= 1 ms",
+    );
+    report.add(
+        "start",
+        "submit -> assigned p90 (light)",
+        pct(&light, 90.0),
+        "ms",
+        "",
+    );
+    report.add(
+        "start",
+        "submit -> assigned p99 (light)",
+        pct(&light, 99.0),
+        "ms",
+        "<= 5 ms",
+    );
+    progress("start latency at half the measured maximum");
+    let half = start_latency(&server, samples, tp / 2.0).await;
+    report.add(
+        "start",
+        "submit -> assigned p50 (half load)",
+        pct(&half, 50.0),
+        "ms",
+        "",
+    );
+    report.add(
+        "start",
+        "submit -> assigned p99 (half load)",
+        pct(&half, 99.0),
+        "ms",
+        "",
+    );
+
+    progress("cancel latency");
+    let (to_cmd, to_ret) = cancel_latency(&server, samples).await;
+    report.add_vs(
+        "cancel",
+        "cancel -> runner has command p50",
+        pct(&to_cmd, 50.0),
+        "ms",
+        ("tonic rtt p50", rtt_p50),
+        "",
+    );
+    report.add(
+        "cancel",
+        "cancel -> runner has command p99",
+        pct(&to_cmd, 99.0),
+        "ms",
+        "<= 5 ms",
+    );
+    report.add(
+        "cancel",
+        "CancelJob round trip p50",
+        pct(&to_ret, 50.0),
+        "ms",
+        "",
+    );
+
+    progress(&format!("log ingest: {mib} MiB"));
+    let (write_mbs, read_mbs) = log_ingest(&server, mib).await;
+    report.add(
+        "logs",
+        "ingest (persisted, acked)",
+        write_mbs,
+        "MB/s",
+        ">= 50 MB/s",
+    );
+    report.add("logs", "read back (GetLogs)", read_mbs, "MB/s", "");
+    drop(server);
+
+    if let Some(admin) = &args.postgres_url {
+        progress(&format!("throughput on PostgreSQL: {n} jobs"));
+        let db = TestDatabase::new(&Db::Postgres(admin.clone())).await;
+        let pg = ServerProcess::start_on(Some(db.url().to_string()), &[]).await;
+        let tp_pg = throughput(&pg, n, args.runners).await;
+        report.add_vs(
+            "throughput",
+            "jobs/s end to end (postgres)",
+            tp_pg,
+            "jobs/s",
+            ("tonic unary rate", tonic_rps),
+            ">= 5000",
+        );
+        drop(pg);
+        db.remove().await;
+    } else {
+        eprintln!(
+            "!!! no PostgreSQL URL (--postgres-url or GANTRY_TEST_POSTGRES_URL): the PostgreSQL run is left out"
+        );
+    }
+
+    progress(&format!("sessions: {k} idle runner sessions"));
+    let (rss_mib, per_session_kib, open_rate) = sessions(k).await;
+    report.add(
+        "sessions",
+        format!("server RSS with {k} sessions"),
+        rss_mib,
+        "MiB",
+        "<= 200 MiB at 10000",
+    );
+    report.add("sessions", "RSS per session", per_session_kib, "KiB", "");
+    report.add(
+        "sessions",
+        "sessions opened per second",
+        open_rate,
+        "1/s",
+        "",
+    );
+
+    if !args.no_docker {
+        progress("docker executor overhead");
+        let (full, bare) = docker_overhead(if quick { 3 } else { 15 }).await;
+        report.add_vs(
+            "docker",
+            "job submit -> succeeded p50",
+            full,
+            "ms",
+            ("bare create+start+wait+rm p50", bare),
+            "",
+        );
+        report.add(
+            "docker",
+            "executor overhead (p50 difference)",
+            full - bare,
+            "ms",
+            "<= 50 ms",
+        );
+    }
+
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json(machine())).unwrap_or_default()
+        );
+    } else {
+        println!();
+        println!("machine: {}", machine());
+        report.print();
+    }
+}
