@@ -25,7 +25,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context as _;
 use gantry_proto as pb;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
@@ -44,6 +43,8 @@ pub struct App {
     pub auth: Arc<auth::Auth>,
     /// The group-committing report writer.
     pub ingester: reports::Ingester,
+    /// The group-committing job submitter.
+    pub submitter: jobs::submit::Submitter,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -133,15 +134,18 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         .with_context(|| format!("opening database {}", redact(&config.database_url)))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ingester, ingest_rx) = reports::Ingester::channel();
+    let (submitter, submit_rx) = jobs::submit::Submitter::channel();
     let app = App {
         store: store.clone(),
         hub: Arc::new(events::Hub::default()),
         auth: Arc::new(auth::Auth::new(&registration_token, &api_tokens)),
         config: Arc::new(config.clone()),
         ingester,
+        submitter,
         shutdown: shutdown_rx.clone(),
     };
     reports::Ingester::start(app.clone(), ingest_rx);
+    jobs::submit::Submitter::start(app.clone(), submit_rx);
     let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
     if store.is_postgres() {
         tasks.push(tokio::spawn(replicas::run(app.clone())));
@@ -193,12 +197,14 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
             service::admin::AdminApi(app.clone()),
         ));
     let mut stop = shutdown_rx;
-    let serve = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
-        async move {
-            let _ = crate::events::stopped(&mut stop).await;
-        },
-    ));
+    // No Nagle: a session's small frames (an assignment, a cancel, an ack) go out at once
+    // instead of waiting for the peer's delayed ACK (tens of milliseconds).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(30)));
+    let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
+        let _ = crate::events::stopped(&mut stop).await;
+    }));
     tracing::info!(%addr, postgres = store.is_postgres(), "gantry-server listening");
     Ok(RunningServer {
         addr,

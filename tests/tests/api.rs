@@ -843,12 +843,34 @@ async fn idempotent_submit_returns_the_first_job(db: Db) {
             first.job.clone().expect("job").id
         );
     }
+    // A fresh key submitted many times at once (group-committed into one batch, or a few):
+    // exactly one job, and exactly one answer that is not a duplicate.
+    let mut handles = Vec::new();
+    for _ in 0..16 {
+        let mut c = jobs.clone();
+        let mut s = spec.clone();
+        s.idempotency_key = "order-43".into();
+        handles.push(tokio::spawn(async move {
+            c.submit_job(pb::SubmitJobRequest { spec: Some(s) })
+                .await
+                .expect("submit")
+                .into_inner()
+        }));
+    }
+    let mut ids = std::collections::HashSet::new();
+    let mut originals = 0;
+    for h in handles {
+        let r = h.await.expect("task");
+        originals += usize::from(!r.deduplicated);
+        ids.insert(r.job.expect("job").id);
+    }
+    assert_eq!((ids.len(), originals), (1, 1));
     let listed = jobs
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .expect("list")
         .into_inner();
-    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!(listed.jobs.len(), 2);
     server.stop().await;
 }
 

@@ -3,11 +3,11 @@
 //! in [`spec`]; every change goes through [`crate::lifecycle::Lifecycle`].
 pub mod spec;
 pub mod state;
+pub mod submit;
 
 use std::time::Duration;
 
 use gantry_proto as pb;
-use prost::Message;
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Query};
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
@@ -72,105 +72,8 @@ fn attempt_to_proto(a: &attempt::Model) -> pb::Attempt {
 
 /// Validates and stores a job; an already used idempotency key returns the first job.
 pub async fn submit(app: &App, spec: Option<pb::JobSpec>) -> Result<pb::SubmitJobResponse> {
-    submit_spec(app, spec, None).await
-}
-
-async fn find_by_idempotency_key(app: &App, key: &str) -> Result<Option<job::Model>> {
-    Ok(job::Entity::find()
-        .filter(job::Column::IdempotencyKey.eq(key))
-        .one(app.store.db())
-        .await?)
-}
-
-async fn submit_spec(
-    app: &App,
-    spec: Option<pb::JobSpec>,
-    retried_from: Option<Uuid>,
-) -> Result<pb::SubmitJobResponse> {
     let spec = spec::validate(spec, app.config.default_timeout_seconds)?;
-    let key = (!spec.idempotency_key.is_empty()).then(|| spec.idempotency_key.clone());
-    if let Some(key) = &key
-        && let Some(existing) = find_by_idempotency_key(app, key).await?
-    {
-        return Ok(pb::SubmitJobResponse {
-            job: Some(to_proto(&existing, &[])?),
-            deduplicated: true,
-        });
-    }
-    let id = Uuid::now_v7();
-    let wtx = app.store.write().await?;
-    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
-    let model = job::Model {
-        id,
-        status: pb::JobStatus::Queued as i32,
-        queue: spec.queue.clone(),
-        priority: spec.priority,
-        executor: spec.executor,
-        lock_key: (!spec.lock_key.is_empty()).then(|| spec.lock_key.clone()),
-        idempotency_key: key.clone(),
-        spec: spec.encode_to_vec(),
-        attempt_count: 0,
-        max_attempts: i32::try_from(spec.retry.as_ref().map_or(1, |r| r.max_attempts)).unwrap_or(1),
-        current_lease: None,
-        runner_id: None,
-        failure_kind: 0,
-        failure_message: String::new(),
-        exit_code: None,
-        progress: None,
-        event_seq: 0,
-        not_before: 0,
-        created_at: lc.now,
-        updated_at: lc.now,
-        finished_at: None,
-        retried_from,
-    };
-    lc.insert_job(model)?;
-    let labels: Vec<job_label::ActiveModel> = spec
-        .labels
-        .iter()
-        .map(|(k, v)| {
-            sea_orm::IntoActiveModel::into_active_model(job_label::Model {
-                job_id: id,
-                key: k.clone(),
-                value: v.clone(),
-            })
-        })
-        .collect();
-    let signals = lc.flush().await;
-    let result = async {
-        let signals = signals?;
-        if !labels.is_empty() {
-            job_label::Entity::insert_many(labels)
-                .exec_without_returning(&wtx.txn)
-                .await?;
-        }
-        wtx.commit().await?;
-        Ok::<_, Error>(signals)
-    }
-    .await;
-    match result {
-        Ok(signals) => app.hub.publish(signals),
-        Err(e) => {
-            // Two submits raced on one idempotency key: the loser answers with the winner.
-            if let Some(key) = &key
-                && let Some(existing) = find_by_idempotency_key(app, key).await?
-            {
-                return Ok(pb::SubmitJobResponse {
-                    job: Some(to_proto(&existing, &[])?),
-                    deduplicated: true,
-                });
-            }
-            return Err(e);
-        }
-    }
-    let stored = job::Entity::find_by_id(id)
-        .one(app.store.db())
-        .await?
-        .ok_or_else(|| Error::Internal(format!("job {id} vanished after submit")))?;
-    Ok(pb::SubmitJobResponse {
-        job: Some(to_proto(&stored, &[])?),
-        deduplicated: false,
-    })
+    app.submitter.submit(spec, None).await
 }
 
 /// One job with its attempts.
@@ -279,7 +182,8 @@ pub async fn retry(app: &App, id: Uuid) -> Result<pb::Job> {
     }
     let mut spec: pb::JobSpec = decode(&original.spec)?;
     spec.idempotency_key.clear();
-    let response = submit_spec(app, Some(spec), Some(id)).await?;
+    let spec = spec::validate(Some(spec), app.config.default_timeout_seconds)?;
+    let response = app.submitter.submit(spec, Some(id)).await?;
     response
         .job
         .ok_or_else(|| Error::Internal("submit returned no job".into()))
