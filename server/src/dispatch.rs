@@ -116,7 +116,8 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
             }
             let job_id = candidate.id;
             let lock_key = candidate.lock_key.clone();
-            lc.load_jobs([job_id]).await?;
+            // Read just now in this transaction (and locked on PostgreSQL): no second read.
+            lc.adopt_job(candidate);
             // The attempt's lease is decided first: the lock row names it.
             let lease_id = Uuid::now_v7();
             if let Some(key) = &lock_key {

@@ -9,7 +9,9 @@
 use std::time::Duration;
 
 use gantry_proto as pb;
-use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
+use sea_orm::{
+    ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, sea_query::Expr,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -304,6 +306,17 @@ async fn finish_unconfirmed_cancels(app: &App, now: i64) -> Result<()> {
 /// that coming back never makes it take work again).
 async fn mark_silent_runners(app: &App, now: i64) -> Result<()> {
     let lease_ms = app.rules().lease_ms;
+    let silent = runner::Entity::find()
+        .filter(runner::Column::State.eq(pb::RunnerState::Online as i32))
+        .filter(runner::Column::LastHeartbeat.lt(now - lease_ms))
+        .count(app.store.db())
+        .await?;
+    if silent == 0 {
+        return Ok(()); // the usual case: no write transaction at all
+    }
+    // Through the write gate like every write: on SQLite an ungated commit between another
+    // transaction's read and its write fails that transaction (SQLITE_BUSY_SNAPSHOT).
+    let wtx = app.store.write().await?;
     runner::Entity::update_many()
         .col_expr(
             runner::Column::State,
@@ -311,8 +324,9 @@ async fn mark_silent_runners(app: &App, now: i64) -> Result<()> {
         )
         .filter(runner::Column::State.eq(pb::RunnerState::Online as i32))
         .filter(runner::Column::LastHeartbeat.lt(now - lease_ms))
-        .exec(app.store.db())
+        .exec(&wtx.txn)
         .await?;
+    wtx.commit().await?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use gantry_proto::{
 use prost::Message;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectionTrait, DatabaseTransaction, EntityTrait,
-    IntoActiveModel, QueryFilter, QueryOrder, QuerySelect,
+    IntoActiveModel, Iterable, QueryFilter, QueryOrder, QuerySelect, sea_query::OnConflict,
 };
 use uuid::Uuid;
 
@@ -35,6 +35,8 @@ pub struct Rules {
 
 /// Rows a batch of statements can carry without hitting SQLite's bound-parameter limit.
 const INSERT_CHUNK: usize = 500;
+/// Rows per upsert of changed jobs or attempts (about 25 bind values a row).
+const UPSERT_CHUNK: usize = 200;
 
 /// One transaction's worth of job changes. See the module comment.
 pub struct Lifecycle<'t> {
@@ -117,6 +119,12 @@ impl<'t> Lifecycle<'t> {
             }
         }
         Ok(())
+    }
+
+    /// Takes a job row the caller read in this transaction (locked on PostgreSQL), instead of
+    /// reading it again.
+    pub fn adopt_job(&mut self, model: job::Model) {
+        self.jobs.entry(model.id).or_insert(model);
     }
 
     /// Loads attempts by lease not yet loaded, with their jobs.
@@ -669,26 +677,54 @@ impl<'t> Lifecycle<'t> {
                 .exec_without_returning(self.txn)
                 .await?;
         }
-        for id in std::mem::take(&mut self.dirty_jobs) {
-            if let Some(model) = self.jobs.get(&id).cloned() {
-                let mut row = job::ActiveModel::from(model).reset_all();
-                // The spec is written once, at submit: never rewrite it.
-                row.spec = sea_orm::ActiveValue::NotSet;
-                row.update(self.txn).await?;
-            }
+        // Changed rows are written back with one upsert per chunk instead of one UPDATE
+        // each (a statement costs a round trip to the database, or to SQLite's thread).
+        // Rows go in id order: a fixed lock order on PostgreSQL.
+        let mut dirty: Vec<Uuid> = std::mem::take(&mut self.dirty_jobs).into_iter().collect();
+        dirty.sort();
+        let rows: Vec<job::ActiveModel> = dirty
+            .iter()
+            .filter_map(|id| self.jobs.get(id))
+            .map(|m| m.clone().into_active_model())
+            .collect();
+        for chunk in rows.chunks(UPSERT_CHUNK) {
+            job::Entity::insert_many(chunk.to_vec())
+                .on_conflict(
+                    OnConflict::column(job::Column::Id)
+                        // The spec is written once, at submit: never rewritten.
+                        .update_columns(
+                            job::Column::iter()
+                                .filter(|c| !matches!(c, job::Column::Id | job::Column::Spec)),
+                        )
+                        .to_owned(),
+                )
+                .exec_without_returning(self.txn)
+                .await?;
+        }
+        let mut dirty: Vec<Uuid> = std::mem::take(&mut self.dirty_attempts)
+            .into_iter()
+            .filter(|lease| !self.new_attempts.contains(lease))
+            .collect();
+        dirty.sort();
+        let rows: Vec<attempt::ActiveModel> = dirty
+            .iter()
+            .filter_map(|lease| self.attempts.get(lease))
+            .map(|m| m.clone().into_active_model())
+            .collect();
+        for chunk in rows.chunks(UPSERT_CHUNK) {
+            attempt::Entity::insert_many(chunk.to_vec())
+                .on_conflict(
+                    OnConflict::column(attempt::Column::LeaseId)
+                        .update_columns(
+                            attempt::Column::iter()
+                                .filter(|c| !matches!(c, attempt::Column::LeaseId)),
+                        )
+                        .to_owned(),
+                )
+                .exec_without_returning(self.txn)
+                .await?;
         }
         let mut inserts = Vec::new();
-        for lease in std::mem::take(&mut self.dirty_attempts) {
-            if self.new_attempts.contains(&lease) {
-                continue;
-            }
-            if let Some(model) = self.attempts.get(&lease) {
-                attempt::ActiveModel::from(model.clone())
-                    .reset_all()
-                    .update(self.txn)
-                    .await?;
-            }
-        }
         for lease in &self.new_attempts {
             if let Some(model) = self.attempts.get(lease) {
                 inserts.push(model.clone().into_active_model());

@@ -16,13 +16,17 @@ use crate::error::{Error, Result};
 
 pub mod entity;
 mod m20261121_000001_initial;
+mod m20261121_000002_dispatch_order;
 
 /// The migrations, in order; applied at start-up.
 pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn sea_orm_migration::MigrationTrait>> {
-        vec![Box::new(m20261121_000001_initial::Migration)]
+        vec![
+            Box::new(m20261121_000001_initial::Migration),
+            Box::new(m20261121_000002_dispatch_order::Migration),
+        ]
     }
 }
 

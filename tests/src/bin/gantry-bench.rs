@@ -416,6 +416,35 @@ async fn wait_finished(seen: &Seen, n: u64) {
     }
 }
 
+/// The pipeline in two halves: N submits with no runner connected (submits/s), then M
+/// runners draining those N queued jobs (dispatch and completion, jobs/s).
+async fn halves(server: &ServerProcess, n: usize, runners: usize) -> (f64, f64) {
+    let start = Instant::now();
+    submit_many(&server.url, &server.api_token, n, 32).await;
+    let submit_rate = n as f64 / start.elapsed().as_secs_f64();
+    let seen = Arc::new(Seen::default());
+    let ch = channel(&server.url).await;
+    let start = Instant::now();
+    let mut sims = Vec::new();
+    for i in 0..runners {
+        sims.push(
+            SimRunner::start(
+                &ch,
+                &server.registration_token,
+                &format!("drain-{i}"),
+                256,
+                Mode::Complete,
+                seen.clone(),
+            )
+            .await,
+        );
+    }
+    wait_finished(&seen, n as u64).await;
+    let drain_rate = n as f64 / start.elapsed().as_secs_f64();
+    drop(sims);
+    (submit_rate, drain_rate)
+}
+
 /// Throughput: N no-op jobs, submit to final status, through M simulated runners.
 async fn throughput(server: &ServerProcess, n: usize, runners: usize) -> f64 {
     let seen = Arc::new(Seen::default());
@@ -972,6 +1001,25 @@ async fn main() {
         "jobs/s",
         ("tonic unary rate", tonic_rps),
         ">= 10000 and >= 0.3 x tonic",
+    );
+
+    progress("throughput in halves: submit only, then dispatch and completion only");
+    let (submit_rate, drain_rate) = halves(&server, n, args.runners).await;
+    report.add_vs(
+        "throughput",
+        "submits/s, no runner (sqlite)",
+        submit_rate,
+        "jobs/s",
+        ("sqlite commits", sqlite_cps),
+        "",
+    );
+    report.add_vs(
+        "throughput",
+        "dispatch+complete/s of queued jobs",
+        drain_rate,
+        "jobs/s",
+        ("sqlite commits", sqlite_cps),
+        "",
     );
 
     progress("start latency at light load");
