@@ -18,7 +18,11 @@ use crate::{App, dispatch, error::Error, leases, runners};
 /// Messages buffered toward the runner before the session task waits for it.
 pub const OUTBOUND_BUFFER: usize = 256;
 /// Runner messages buffered before reading pauses (backpressure).
-const INBOUND_BUFFER: usize = 64;
+const INBOUND_BUFFER: usize = 256;
+/// Runner messages handled together at most.
+const DRAIN_AT_ONCE: usize = 256;
+/// Log bytes of merged report batches stored in one go.
+const MERGED_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 type Outbound = mpsc::Sender<Result<pb::SessionResponse, Status>>;
 
@@ -152,54 +156,69 @@ async fn serve(
         }
         tokio::select! {
             msg = in_rx.recv() => {
-                let Some(msg) = msg else { return Ok(()) };
+                let Some(first) = msg else { return Ok(()) };
                 last_heard = tokio::time::Instant::now();
-                match msg.kind {
-                    Some(In::Credits(c)) => {
-                        credits = credits.saturating_add(c.slots).min(capacity);
-                        check_work = true;
+                // Everything the runner has sent meanwhile is handled together: consecutive
+                // report batches become one (one group commit, one ack), and credits add up
+                // before the next claim.
+                let mut msgs = vec![first];
+                while msgs.len() < DRAIN_AT_ONCE {
+                    match in_rx.try_recv() {
+                        Ok(m) => msgs.push(m),
+                        Err(_) => break,
                     }
-                    Some(In::Heartbeat(h)) => {
-                        let resp = leases::heartbeat(app, runner_id, &h.held).await?;
-                        // Commands travel separately on this stream.
-                        let resp = pb::HeartbeatResponse { commands: Vec::new(), ..resp };
-                        if !send(out, Out::HeartbeatAck(resp)).await {
-                            return Ok(());
-                        }
-                    }
-                    Some(In::Reports(batch)) => {
-                        let outcome = match app.ingester.submit(runner_id, batch.reports).await {
-                            Ok(outcome) => outcome,
-                            Err(e) => {
-                                // Not stored, not acknowledged. The session ends so that the
-                                // runner reconnects and sends them again before anything
-                                // newer: a later report must never be applied past a gap.
-                                tracing::warn!(runner = %runner_id, error = %e, "report batch not stored; ending the session");
-                                return Err(e);
-                            }
-                        };
-                        if !outcome.acks.is_empty()
-                            && !send(out, Out::Acks(pb::ReportAcks { acks: outcome.acks })).await
+                }
+                let mut reports = Vec::new();
+                for msg in msgs {
+                    if let Some(In::Reports(batch)) = msg.kind {
+                        reports.extend(batch.reports);
+                        // Bounded: a merged batch holds a few MiB of output at most.
+                        let bytes: usize = reports
+                            .iter()
+                            .map(|r| match &r.body {
+                                Some(pb::report::Body::Log(l)) => l.data.len(),
+                                _ => 0,
+                            })
+                            .sum();
+                        if bytes >= MERGED_BATCH_BYTES
+                            && !ingest(app, runner_id, std::mem::take(&mut reports), out).await?
                         {
                             return Ok(());
                         }
-                        for r in outcome.rejected {
-                            if !send(out, Out::Rejected(r.to_proto())).await {
+                        continue;
+                    }
+                    if !reports.is_empty() && !ingest(app, runner_id, std::mem::take(&mut reports), out).await? {
+                        return Ok(());
+                    }
+                    match msg.kind {
+                        Some(In::Credits(c)) => {
+                            credits = credits.saturating_add(c.slots).min(capacity);
+                            check_work = true;
+                        }
+                        Some(In::Heartbeat(h)) => {
+                            let resp = leases::heartbeat(app, runner_id, &h.held).await?;
+                            // Commands travel separately on this stream.
+                            let resp = pb::HeartbeatResponse { commands: Vec::new(), ..resp };
+                            if !send(out, Out::HeartbeatAck(resp)).await {
                                 return Ok(());
                             }
                         }
+                        Some(In::Reports(_)) => {}
+                        Some(In::Drain(d)) => {
+                            runners::drain_self(app, runner_id, &d.reason).await?;
+                            credits = 0;
+                        }
+                        Some(In::CommandAck(a)) => {
+                            runners::ack_commands(app, runner_id, a.sequence).await?;
+                        }
+                        Some(In::Hello(_)) => {
+                            return Err(Error::invalid("hello", "sent twice on one session"));
+                        }
+                        None => return Err(Error::invalid("kind", "is required")),
                     }
-                    Some(In::Drain(d)) => {
-                        runners::drain_self(app, runner_id, &d.reason).await?;
-                        credits = 0;
-                    }
-                    Some(In::CommandAck(a)) => {
-                        runners::ack_commands(app, runner_id, a.sequence).await?;
-                    }
-                    Some(In::Hello(_)) => {
-                        return Err(Error::invalid("hello", "sent twice on one session"));
-                    }
-                    None => return Err(Error::invalid("kind", "is required")),
+                }
+                if !reports.is_empty() && !ingest(app, runner_id, reports, out).await? {
+                    return Ok(());
                 }
             }
             _ = commands_rx.changed() => check_commands = true,
@@ -215,6 +234,36 @@ async fn serve(
             _ = crate::events::stopped(&mut shutdown) => return Ok(()),
         }
     }
+}
+
+/// Stores reports and answers with their acks and rejections. `Ok(false)`: the runner is gone.
+async fn ingest(
+    app: &App,
+    runner_id: Uuid,
+    reports: Vec<pb::Report>,
+    out: &Outbound,
+) -> Result<bool, Error> {
+    let outcome = match app.ingester.submit(runner_id, reports).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            // Not stored, not acknowledged. The session ends so that the runner reconnects
+            // and sends them again before anything newer: a later report must never be
+            // applied past a gap.
+            tracing::warn!(runner = %runner_id, error = %e, "report batch not stored; ending the session");
+            return Err(e);
+        }
+    };
+    if !outcome.acks.is_empty()
+        && !send(out, Out::Acks(pb::ReportAcks { acks: outcome.acks })).await
+    {
+        return Ok(false);
+    }
+    for r in outcome.rejected {
+        if !send(out, Out::Rejected(r.to_proto())).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 async fn runners_acked(app: &App, runner_id: Uuid) -> Result<i64, Error> {
