@@ -176,6 +176,18 @@ impl Clients {
         })
     }
 
+    /// One job, with its attempts.
+    pub async fn job(&mut self, id: impl Into<String>) -> Result<pb::Job> {
+        match self
+            .jobs
+            .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.error(&s)),
+        }
+    }
+
     /// The user's error for a failed call.
     pub fn error(&self, status: &Status) -> CliError {
         from_status(&self.server, status)

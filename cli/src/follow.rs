@@ -49,14 +49,7 @@ pub async fn wait_for_end(c: &mut Clients, id: &str) -> Result<()> {
 /// Reads the job, says how it ended (on stderr, unless it succeeded or JSON is asked for),
 /// and returns its exit status.
 pub async fn finish(c: &mut Clients, id: &str, output: Output) -> Result<u8> {
-    let job = c
-        .jobs
-        .get_job(pb::GetJobRequest {
-            job_id: id.to_string(),
-        })
-        .await
-        .map_err(|s| c.error(&s))?
-        .into_inner();
+    let job = c.job(id.to_string()).await?;
     if output == Output::Json {
         render::print_json(&render::job_json(&job));
     } else if job.status != pb::JobStatus::Succeeded as i32 {
@@ -231,12 +224,7 @@ pub async fn watch(global: &Global, id: String) -> Result<u8> {
             }
         }
     }
-    let job = c
-        .jobs
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .map_err(|s| c.error(&s))?
-        .into_inner();
+    let job = c.job(id).await?;
     if let Some(bar) = bar {
         bar.set_prefix(render::status_name(job.status));
         if job.status == pb::JobStatus::Succeeded as i32 {

@@ -177,12 +177,7 @@ pub async fn list(global: &Global, args: JobsArgs) -> Result<u8> {
 /// `gantry get`.
 pub async fn get(global: &Global, id: String) -> Result<u8> {
     let mut c = Clients::connect(global).await?;
-    let job = c
-        .jobs
-        .get_job(pb::GetJobRequest { job_id: id })
-        .await
-        .map_err(|s| c.error(&s))?
-        .into_inner();
+    let job = c.job(id).await?;
     print_job(&job, global.output);
     Ok(0)
 }

@@ -240,6 +240,14 @@ pub async fn containers_with_label(label: &str) -> Vec<bollard::models::Containe
         .expect("list containers")
 }
 
+/// Waits until no container carries `label` (KEY=VALUE) any more.
+pub async fn until_no_container(label: &str, what: &str) {
+    eventually(what, || async {
+        containers_with_label(label).await.is_empty().then_some(())
+    })
+    .await
+}
+
 /// The test image: `FROM scratch` with Debian's static busybox as /bin/sh, sleep, echo …,
 /// built locally once (no registry is involved). Its name is returned.
 pub async fn busybox_image() -> String {

@@ -6,7 +6,7 @@ use gantry_tests::{
     Db, TestServer, get, logs,
     procs::{
         Proxy, RunnerProcess, ServerProcess, busybox_image, containers_with_label, docker_sh,
-        eventually, wait_for_output,
+        eventually, until_no_container, wait_for_output,
     },
     sh, submit, wait_for_status,
 };
@@ -134,13 +134,7 @@ async fn docker_job_succeeds_with_exact_output_and_its_container_is_removed() {
     // The image is present and the policy is NEVER: no pull.
     assert_eq!(phases(&events)[..3], [Creating, Starting, Running]);
     // REMOVING comes after the final status (it is reported as the container goes).
-    eventually("the container is removed", || async {
-        containers_with_label(&format!("gantry.job-id={id}"))
-            .await
-            .is_empty()
-            .then_some(())
-    })
-    .await;
+    until_no_container(&format!("gantry.job-id={id}"), "the container is removed").await;
     let all = all_events(&mut jobs, &id).await;
     assert_eq!(phases(&all).last(), Some(&Removing));
     server.stop().await;
@@ -241,14 +235,9 @@ async fn cancel_stops_a_running_container_and_removes_it() {
     assert!(phases(&events).contains(&pb::ExecutorPhase::Stopping));
     let job = get(&mut jobs, &id).await;
     assert_eq!(job.failure_kind, pb::FailureKind::Canceled as i32);
-    eventually(
+    until_no_container(
+        &format!("gantry.job-id={id}"),
         "the canceled job's container is gone from the engine",
-        || async {
-            containers_with_label(&format!("gantry.job-id={id}"))
-                .await
-                .is_empty()
-                .then_some(())
-        },
     )
     .await;
     server.stop().await;
@@ -318,12 +307,10 @@ async fn work_past_its_timeout_is_killed_and_timed_out_by_the_runner() {
             job.failure_message
         );
         assert_eq!(logs(&mut jobs, &id).await.0, b"started\n");
-        eventually("the timed-out container is gone", || async {
-            containers_with_label(&format!("gantry.job-id={id}"))
-                .await
-                .is_empty()
-                .then_some(())
-        })
+        until_no_container(
+            &format!("gantry.job-id={id}"),
+            "the timed-out container is gone",
+        )
         .await;
     }
     server.stop().await;
@@ -855,14 +842,9 @@ async fn a_runner_cut_off_past_its_lease_stops_the_work_it_lost() {
     assert_eq!(containers_with_label(&first_lease).await.len(), 1);
     // ...until it is back and learns that its lease is gone: it stops that work.
     network.restore();
-    eventually(
+    until_no_container(
+        &first_lease,
         "the cut-off runner stops the work of its lost lease",
-        || async {
-            containers_with_label(&first_lease)
-                .await
-                .is_empty()
-                .then_some(())
-        },
     )
     .await;
     assert!(cut_off.log().contains("lease lost"), "{}", cut_off.log());

@@ -445,6 +445,17 @@ async fn halves(server: &ServerProcess, n: usize, runners: usize) -> (f64, f64) 
     (submit_rate, drain_rate)
 }
 
+/// Waits until `look` finds what the simulated runners saw.
+async fn seen_by<T>(seen: &Seen, look: impl Fn(&Seen) -> Option<T>) -> T {
+    loop {
+        let notified = seen.notify.notified();
+        if let Some(v) = look(seen) {
+            return v;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
+    }
+}
+
 /// Throughput: N no-op jobs, submit to final status, through M simulated runners.
 async fn throughput(server: &ServerProcess, n: usize, runners: usize) -> f64 {
     let seen = Arc::new(Seen::default());
@@ -515,13 +526,10 @@ async fn start_latency(
     for _ in 0..samples {
         let t0 = Instant::now();
         let id = submit(&mut jobs).await;
-        let at = loop {
-            let notified = seen.notify.notified();
-            if let Some((at, _)) = seen.assigned.lock().expect("lock").get(&id) {
-                break *at;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        };
+        let at = seen_by(&seen, |s| {
+            s.assigned.lock().expect("lock").get(&id).map(|(at, _)| *at)
+        })
+        .await;
         out.push(at.saturating_duration_since(t0));
     }
     stop.store(true, Ordering::Relaxed);
@@ -549,13 +557,14 @@ async fn cancel_latency(server: &ServerProcess, samples: usize) -> (Vec<Duration
     let (mut to_command, mut to_return) = (Vec::new(), Vec::new());
     for _ in 0..samples {
         let id = submit(&mut jobs).await;
-        loop {
-            let notified = seen.notify.notified();
-            if seen.assigned.lock().expect("lock").contains_key(&id) {
-                break;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        }
+        seen_by(&seen, |s| {
+            s.assigned
+                .lock()
+                .expect("lock")
+                .contains_key(&id)
+                .then_some(())
+        })
+        .await;
         let t0 = Instant::now();
         jobs.cancel_job(pb::CancelJobRequest {
             job_id: id.clone(),
@@ -564,13 +573,10 @@ async fn cancel_latency(server: &ServerProcess, samples: usize) -> (Vec<Duration
         .await
         .expect("cancel");
         to_return.push(t0.elapsed());
-        let at = loop {
-            let notified = seen.notify.notified();
-            if let Some(at) = seen.canceled.lock().expect("lock").get(&id) {
-                break *at;
-            }
-            let _ = tokio::time::timeout(Duration::from_millis(50), notified).await;
-        };
+        let at = seen_by(&seen, |s| {
+            s.canceled.lock().expect("lock").get(&id).copied()
+        })
+        .await;
         to_command.push(at.saturating_duration_since(t0));
     }
     to_command.sort();
