@@ -24,10 +24,12 @@ const DRAIN_AT_ONCE: usize = 256;
 /// Log bytes of merged report batches stored in one go.
 const MERGED_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
-type Outbound = mpsc::Sender<Result<pb::SessionResponse, Status>>;
+/// Messages toward the runner, boxed: a response inline is 448 bytes, and the channel's
+/// first block holds 32 of them for every idle session.
+pub type Outbound = mpsc::Sender<Result<Box<pb::SessionResponse>, Status>>;
 
 async fn send(out: &Outbound, kind: Out) -> bool {
-    out.send(Ok(pb::SessionResponse { kind: Some(kind) }))
+    out.send(Ok(Box::new(pb::SessionResponse { kind: Some(kind) })))
         .await
         .is_ok()
 }
@@ -40,6 +42,9 @@ pub async fn run(app: App, runner_id: Uuid, inbound: Streaming<pb::SessionReques
     tracing::debug!(runner = %runner_id, "session ended");
 }
 
+/// The session's loop. It lives as long as the session, and every idle session holds its
+/// future: the database calls it awaits are boxed so that their (large) futures take memory
+/// only while they run, not for the session's whole life.
 async fn serve(
     app: &App,
     runner_id: Uuid,
@@ -68,11 +73,17 @@ async fn serve(
     let mut shutdown = app.shutdown.clone();
 
     // Work given to this runner before the session that it no longer holds is lost now.
-    leases::release_unheld(app, runner_id, &hello.held, crate::lifecycle::now_ms()).await?;
-    runners::session_opened(app, runner_id).await?;
-    let beat = leases::heartbeat(app, runner_id, &hello.held).await?;
+    Box::pin(leases::release_unheld(
+        app,
+        runner_id,
+        &hello.held,
+        crate::lifecycle::now_ms(),
+    ))
+    .await?;
+    Box::pin(runners::session_opened(app, runner_id)).await?;
+    let beat = Box::pin(leases::heartbeat(app, runner_id, &hello.held)).await?;
     // Credits never exceed the registered capacity, whatever the runner grants.
-    let capacity = dispatch::profile(app, runner_id).await?.capacity;
+    let capacity = Box::pin(dispatch::profile(app, runner_id)).await?.capacity;
     let mut credits = hello.free_slots.min(capacity);
     if !send(
         out,
@@ -126,8 +137,14 @@ async fn serve(
         if check_commands {
             check_commands = false;
             commands_rx.borrow_and_update();
-            let acked = runners_acked(app, runner_id).await?;
-            for cmd in runners::pending_commands(app, runner_id, acked.max(sent_commands)).await? {
+            let acked = Box::pin(runners_acked(app, runner_id)).await?;
+            for cmd in Box::pin(runners::pending_commands(
+                app,
+                runner_id,
+                acked.max(sent_commands),
+            ))
+            .await?
+            {
                 sent_commands = sent_commands.max(i64::try_from(cmd.sequence).unwrap_or(0));
                 if !send(out, Out::Command(cmd)).await {
                     return Ok(());
@@ -137,8 +154,8 @@ async fn serve(
         if check_work && credits > 0 {
             check_work = false;
             work_rx.borrow_and_update();
-            let profile = dispatch::profile(app, runner_id).await?;
-            let got = dispatch::claim(app, &profile, credits as usize).await?;
+            let profile = Box::pin(dispatch::profile(app, runner_id)).await?;
+            let got = Box::pin(dispatch::claim(app, &profile, credits as usize)).await?;
             let mut pending = got.into_iter();
             while let Some(assignment) = pending.next() {
                 credits -= 1;
@@ -149,7 +166,7 @@ async fn serve(
                         .chain(pending.map(|a| a.lease_id))
                         .filter_map(|l| Uuid::try_parse(&l).ok())
                         .collect();
-                    dispatch::return_undelivered(app, undelivered).await?;
+                    Box::pin(dispatch::return_undelivered(app, undelivered)).await?;
                     return Ok(());
                 }
             }
@@ -181,13 +198,13 @@ async fn serve(
                             })
                             .sum();
                         if bytes >= MERGED_BATCH_BYTES
-                            && !ingest(app, runner_id, std::mem::take(&mut reports), out).await?
+                            && !Box::pin(ingest(app, runner_id, std::mem::take(&mut reports), out)).await?
                         {
                             return Ok(());
                         }
                         continue;
                     }
-                    if !reports.is_empty() && !ingest(app, runner_id, std::mem::take(&mut reports), out).await? {
+                    if !reports.is_empty() && !Box::pin(ingest(app, runner_id, std::mem::take(&mut reports), out)).await? {
                         return Ok(());
                     }
                     match msg.kind {
@@ -196,7 +213,7 @@ async fn serve(
                             check_work = true;
                         }
                         Some(In::Heartbeat(h)) => {
-                            let resp = leases::heartbeat(app, runner_id, &h.held).await?;
+                            let resp = Box::pin(leases::heartbeat(app, runner_id, &h.held)).await?;
                             // Commands travel separately on this stream.
                             let resp = pb::HeartbeatResponse { commands: Vec::new(), ..resp };
                             if !send(out, Out::HeartbeatAck(resp)).await {
@@ -205,11 +222,11 @@ async fn serve(
                         }
                         Some(In::Reports(_)) => {}
                         Some(In::Drain(d)) => {
-                            runners::drain_self(app, runner_id, &d.reason).await?;
+                            Box::pin(runners::drain_self(app, runner_id, &d.reason)).await?;
                             credits = 0;
                         }
                         Some(In::CommandAck(a)) => {
-                            runners::ack_commands(app, runner_id, a.sequence).await?;
+                            Box::pin(runners::ack_commands(app, runner_id, a.sequence)).await?;
                         }
                         Some(In::Hello(_)) => {
                             return Err(Error::invalid("hello", "sent twice on one session"));
@@ -217,7 +234,7 @@ async fn serve(
                         None => return Err(Error::invalid("kind", "is required")),
                     }
                 }
-                if !reports.is_empty() && !ingest(app, runner_id, reports, out).await? {
+                if !reports.is_empty() && !Box::pin(ingest(app, runner_id, reports, out)).await? {
                     return Ok(());
                 }
             }

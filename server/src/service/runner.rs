@@ -176,7 +176,9 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
         ))
     }
 
-    type SessionStream = ReceiverStream<Result<pb::SessionResponse, Status>>;
+    type SessionStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<pb::SessionResponse, Status>> + Send>,
+    >;
 
     async fn session(
         &self,
@@ -194,6 +196,7 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
             request.into_inner(),
             tx,
         ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let stream = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |r| r.map(|b| *b));
+        Ok(Response::new(Box::pin(stream)))
     }
 }
