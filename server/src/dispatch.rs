@@ -56,9 +56,11 @@ pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
     })
 }
 
-/// How many candidates one claim looks at per window.
+/// How many candidates one claim looks at per window: what it can take and a little more
+/// (jobs whose labels the runner lacks are skipped; further windows follow when needed).
+/// Each candidate is a whole row with its spec, so a wide window costs every claim.
 fn window(max: usize) -> u64 {
-    (max as u64) * 4 + 32
+    (max as u64) + 16
 }
 
 /// Claims up to `max` jobs for `runner` now. Returns the assignments (possibly none).
@@ -86,8 +88,10 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
     let postgres = app.store.is_postgres();
     let mut assignments = Vec::new();
     let mut offset = 0u64;
-    // A few windows, so that jobs behind non-matching ones are still found.
-    for _ in 0..4 {
+    // Further windows find jobs behind ones whose labels this runner lacks: up to about a
+    // thousand candidates per claim (label matching in SQL is on the roadmap).
+    let windows = 1024u64.div_ceil(window(max)).max(4);
+    for _ in 0..windows {
         let mut q = job::Entity::find()
             .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
             .filter(job::Column::Queue.is_in(runner.queues.clone()))
