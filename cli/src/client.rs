@@ -61,6 +61,17 @@ pub type Result<T, E = CliError> = std::result::Result<T, E>;
 /// Turns a gRPC status into the user's error: the server's message, its field violations, and
 /// the exit status that fits.
 pub fn from_status(server: &str, status: &Status) -> CliError {
+    // A status the client made from a broken connection (the server crashed, the network
+    // failed mid-stream) carries its cause; the server's own statuses never do.
+    if let Some(cause) = std::error::Error::source(status) {
+        return CliError::new(
+            exit::UNREACHABLE,
+            format!(
+                "lost the connection to the server at {server}: {}",
+                innermost(cause)
+            ),
+        );
+    }
     let code = status.code();
     let mut message = status.message().trim().to_string();
     if let Some(bad) = status.get_details_bad_request() {
@@ -103,6 +114,15 @@ pub fn from_status(server: &str, status: &Status) -> CliError {
     }
 }
 
+/// The innermost cause of an error, as text.
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
+    }
+    cause.to_string()
+}
+
 /// Adds the API token to every call.
 #[derive(Clone)]
 pub struct Bearer(Option<MetadataValue<Ascii>>);
@@ -133,30 +153,18 @@ impl Clients {
     /// Connects to the server named by the global options.
     pub async fn connect(global: &Global) -> Result<Clients> {
         let server = global.server.clone();
-        let mut endpoint = Endpoint::from_shared(server.clone())
-            .map_err(|_| CliError::usage(format!("--server `{server}` is not a URL")))?
-            .connect_timeout(std::time::Duration::from_secs(5));
-        if let Some(ca) = &global.tls_ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
-            endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| CliError::usage(format!("--tls-ca: {e}")))?;
+        // What the command line says is checked before any connection is tried.
+        let https = server.starts_with("https://");
+        if !https && !server.starts_with("http://") {
+            return Err(CliError::usage(format!(
+                "--server `{server}` must start with http:// or https://"
+            )));
         }
-        let channel = endpoint.connect().await.map_err(|e| {
-            // The innermost cause says it best ("Connection refused").
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(inner) = cause.source() {
-                cause = inner;
-            }
-            let cause = cause.to_string();
-            CliError::new(
-                exit::UNREACHABLE,
-                format!(
-                    "cannot reach the server at {server}: {cause} (is it running? set --server or GANTRY_SERVER)"
-                ),
-            )
-        })?;
+        if global.tls_ca.is_some() && !https {
+            return Err(CliError::usage(
+                "--tls-ca needs an https:// --server (the token would go in clear text)",
+            ));
+        }
         let token = match global.token.as_deref() {
             Some(t) => Some(
                 format!("Bearer {t}")
@@ -165,6 +173,30 @@ impl Clients {
             ),
             None => None,
         };
+        let mut endpoint = Endpoint::from_shared(server.clone())
+            .map_err(|_| CliError::usage(format!("--server `{server}` is not a URL")))?
+            .connect_timeout(std::time::Duration::from_secs(5))
+            // A server host that vanishes without closing the connection is noticed.
+            .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+            .keep_alive_timeout(std::time::Duration::from_secs(10))
+            .keep_alive_while_idle(true);
+        if let Some(ca) = &global.tls_ca {
+            let pem = std::fs::read(ca)
+                .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+            endpoint = endpoint
+                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+                .map_err(|e| CliError::usage(format!("--tls-ca: {}", innermost(&e))))?;
+        }
+        let channel = endpoint.connect().await.map_err(|e| {
+            // The innermost cause says it best ("Connection refused").
+            let cause = innermost(&e);
+            CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "cannot reach the server at {server}: {cause} (is it running? set --server or GANTRY_SERVER)"
+                ),
+            )
+        })?;
         let bearer = Bearer(token);
         Ok(Clients {
             jobs: pb::job_service_client::JobServiceClient::with_interceptor(

@@ -26,12 +26,13 @@ fn default_data_dir() -> PathBuf {
 /// A token kept in `file`, made on first use (so the exported token stays valid across
 /// restarts of `gantry dev`).
 fn token_in(file: &Path) -> Result<String> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    if let Ok(t) = std::fs::read_to_string(file) {
-        let t = t.trim().to_string();
-        if !t.is_empty() {
-            return Ok(t);
-        }
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    match std::fs::read_to_string(file) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        // Never replace a token that exists but cannot be read: the user exported it.
+        Err(e) => return Err(CliError::new(1, format!("reading {}: {e}", file.display()))),
     }
     let mut bytes = [0u8; 24];
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
@@ -44,6 +45,7 @@ fn token_in(file: &Path) -> Result<String> {
         .open(file)
         .map_err(|e| CliError::new(1, format!("writing {}: {e}", file.display())))?;
     std::io::Write::write_all(&mut f, token.as_bytes())
+        .and_then(|_| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
         .map_err(|e| CliError::new(1, format!("writing {}: {e}", file.display())))?;
     Ok(token)
 }
@@ -62,8 +64,23 @@ fn shell_quote(s: &str) -> String {
 pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
     let fail = |what: &str, e: &dyn std::fmt::Display| CliError::new(1, format!("{what}: {e}"));
     let data_dir = args.data_dir.clone().unwrap_or_else(default_data_dir);
-    std::fs::create_dir_all(&data_dir)
+    // Private: the database holds jobs' environments and output.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&data_dir)
         .map_err(|e| fail(&format!("creating {}", data_dir.display()), &e))?;
+    // One `gantry dev` per data directory: two would share one SQLite file and one runner
+    // identity (and each runner would remove the other's containers as its own orphans).
+    let lock_file = std::fs::File::create(data_dir.join("lock"))
+        .map_err(|e| fail(&format!("creating {}", data_dir.join("lock").display()), &e))?;
+    if lock_file.try_lock().is_err() {
+        return Err(CliError::new(
+            1,
+            format!(
+                "another gantry dev is using {} (pass --data-dir and --listen to run a second one)",
+                data_dir.display()
+            ),
+        ));
+    }
     let api_token = match &global.token {
         Some(t) => t.clone(),
         None => token_in(&data_dir.join("api-token"))?,
@@ -83,7 +100,7 @@ pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
             CliError::new(
                 1,
                 format!(
-                    "cannot listen on {}: {e} (is another gantry dev running? pass --listen)",
+                    "cannot listen on {}: {e} (is another gantry dev running? pass --listen and --data-dir)",
                     args.listen
                 ),
             )
@@ -98,9 +115,14 @@ pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
     let url = format!("http://{addr}");
 
     // The local runner: processes always, containers when an engine answers.
-    let docker = DockerExecutor::connect(Duration::from_secs(600))
-        .await
-        .is_ok();
+    let docker = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(3),
+            DockerExecutor::connect(Duration::from_secs(600))
+        )
+        .await,
+        Ok(Ok(_))
+    );
     let executors = if docker { "process,docker" } else { "process" };
     let state_dir = data_dir.join("runner");
     let runner_config = gantry_runner::Config::try_parse_from_args([
@@ -119,10 +141,21 @@ pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
         "--drain-grace-seconds".to_string(),
         "5".to_string(),
     ])
-    .map_err(|e| fail("configuring the local runner", &e))?;
-    let runner = Runner::new(runner_config)
-        .await
-        .map_err(|e| fail("starting the local runner", &format!("{e:#}")))?;
+    .map_err(|e| fail("configuring the local runner", &e));
+    let runner = match runner_config {
+        Ok(config) => Runner::new(config)
+            .await
+            .map_err(|e| fail("starting the local runner", &format!("{e:#}"))),
+        Err(e) => Err(e),
+    };
+    let runner = match runner {
+        Ok(r) => r,
+        Err(e) => {
+            // The server is up by now: it goes down with the error.
+            let _ = server.shutdown().await;
+            return Err(e);
+        }
+    };
     let (signals, signals_rx) = tokio::sync::mpsc::channel(4);
     let mut runner_task = tokio::spawn(runner.run(signals_rx));
 
@@ -150,12 +183,31 @@ pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
     println!();
     println!("Ctrl-C stops the runner and the server.");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| fail("installing the SIGTERM handler", &e))?;
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = signals
+                .send(Signal::StopNow("gantry dev cannot start".into()))
+                .await;
+            let _ = runner_task.await;
+            let _ = server.shutdown().await;
+            return Err(fail("installing the SIGTERM handler", &e));
+        }
+    };
+    let mut server = server;
     let mut asked = 0;
+    let mut server_failed = None;
     let runner_result = loop {
         tokio::select! {
             r = &mut runner_task => break r,
+            r = server.wait(), if server_failed.is_none() => {
+                // The server stopped by itself: stop the runner too, and say so.
+                server_failed = Some(match r {
+                    Ok(()) => "the server stopped".to_string(),
+                    Err(e) => format!("the server failed: {e:#}"),
+                });
+                asked = 2;
+            }
             _ = tokio::signal::ctrl_c() => asked += 1,
             _ = term.recv() => asked += 1,
         }
@@ -169,15 +221,21 @@ pub async fn run(global: &Global, args: DevArgs) -> Result<u8> {
         };
         let _ = signals.send(signal).await;
     };
-    match runner_result {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("the local runner failed: {e:#}"),
-        Err(e) => eprintln!("the local runner failed: {e}"),
+    let runner_error = match runner_result {
+        Ok(Ok(_)) if asked > 0 => None,
+        Ok(Ok(exit)) => Some(format!("the local runner stopped by itself ({exit:?})")),
+        Ok(Err(e)) => Some(format!("the local runner failed: {e:#}")),
+        Err(e) => Some(format!("the local runner failed: {e}")),
+    };
+    if let Some(why) = server_failed {
+        // Its task has ended already: nothing to shut down (the process exits next).
+        return Err(CliError::new(1, why));
     }
-    server
-        .shutdown()
-        .await
-        .map_err(|e| fail("stopping the server", &format!("{e:#}")))?;
+    let stopped = server.shutdown().await;
+    if let Some(why) = runner_error {
+        return Err(CliError::new(1, why));
+    }
+    stopped.map_err(|e| fail("stopping the server", &format!("{e:#}")))?;
     eprintln!("stopped");
     Ok(0)
 }

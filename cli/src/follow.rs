@@ -49,29 +49,41 @@ pub async fn wait_for_end(c: &mut Clients, id: &str) -> Result<()> {
 /// Reads the job, says how it ended (on stderr, unless it succeeded or JSON is asked for),
 /// and returns its exit status.
 pub async fn finish(c: &mut Clients, id: &str, output: Output) -> Result<u8> {
-    let job = c.job(id.to_string()).await?;
+    let job = ended(c, id).await?;
     if output == Output::Json {
-        render::print_json(&render::job_json(&job));
+        // One line, like the NDJSON output before it.
+        println!("{}", render::job_json(&job));
     } else if job.status != pb::JobStatus::Succeeded as i32 {
         eprintln!("job {}: {}", job.id, render::outcome_line(&job));
     }
     Ok(job_exit_code(&job))
 }
 
-/// Writes bytes to stdout or stderr; a closed pipe (`| head`) ends the program quietly.
+/// The job, which must have ended: a stream that stopped before (the server went away) is
+/// not an outcome.
+async fn ended(c: &mut Clients, id: &str) -> Result<pb::Job> {
+    let job = c.job(id.to_string()).await?;
+    if job.status < pb::JobStatus::Succeeded as i32 {
+        return Err(CliError::new(
+            crate::client::exit::UNREACHABLE,
+            format!(
+                "the server ended the stream before job {id} finished (it is {}); run `gantry watch {id}` again",
+                render::status_name(job.status)
+            ),
+        ));
+    }
+    Ok(job)
+}
+
+/// Writes bytes to stdout or stderr (a closed pipe ends the program by SIGPIPE, see main).
 fn write_out(stream: i32, data: &[u8]) {
-    let result = if stream == pb::LogStream::Stderr as i32 {
+    let _ = if stream == pb::LogStream::Stderr as i32 {
         let mut err = std::io::stderr().lock();
         err.write_all(data).and_then(|_| err.flush())
     } else {
         let mut out = std::io::stdout().lock();
         out.write_all(data).and_then(|_| out.flush())
     };
-    if let Err(e) = result
-        && e.kind() == std::io::ErrorKind::BrokenPipe
-    {
-        std::process::exit(0);
-    }
 }
 
 /// Prints a job's output: stdout bytes to stdout, stderr bytes to stderr (or NDJSON chunks).
@@ -180,10 +192,11 @@ pub async fn watch(global: &Global, id: String) -> Result<u8> {
         .await
         .map_err(|s| c.error(&s))?
         .into_inner();
-    let live = global.output == Output::Table && std::io::stdout().is_terminal();
+    // The bar draws on stderr: it is live when stderr is a terminal.
+    let live = global.output == Output::Table && std::io::stderr().is_terminal();
     let bar = live.then(|| {
         let bar = ProgressBar::new(100);
-        let colour = render::colour();
+        let colour = render::colour_stderr();
         let template = if colour {
             "{spinner:.cyan} {prefix:.bold} [{bar:32.cyan/blue}] {pos:>3}% {wide_msg}"
         } else {
@@ -224,7 +237,15 @@ pub async fn watch(global: &Global, id: String) -> Result<u8> {
             }
         }
     }
-    let job = c.job(id).await?;
+    let job = match ended(&mut c, &id).await {
+        Ok(job) => job,
+        Err(e) => {
+            if let Some(bar) = bar {
+                bar.abandon();
+            }
+            return Err(e);
+        }
+    };
     if let Some(bar) = bar {
         bar.set_prefix(render::status_name(job.status));
         if job.status == pb::JobStatus::Succeeded as i32 {
@@ -239,12 +260,6 @@ pub async fn watch(global: &Global, id: String) -> Result<u8> {
             job.id,
             render::paint_status(status, &render::outcome_line(&job), render::colour())
         );
-    }
-    if job.status < pb::JobStatus::Succeeded as i32 {
-        return Err(CliError::new(
-            1,
-            format!("the server ended the watch before job {} finished", job.id),
-        ));
     }
     Ok(job_exit_code(&job))
 }

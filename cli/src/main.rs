@@ -18,6 +18,15 @@ use crate::{
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Output into a closed pipe (`gantry logs J | head`) ends the program as it does any
+    // Unix tool, instead of a panic in print.
+    // SAFETY: at the start of main, before any other thread could be running a handler.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -59,6 +59,15 @@ fn bad_flags_are_one_line_with_exit_status_2() {
         &["submit"],
         &["jobs", "--status", "sleeping"],
         &["completions", "tcsh"],
+        // Checked before any connection is tried.
+        &["--server", "localhost:50051", "jobs"],
+        &[
+            "--server",
+            "http://127.0.0.1:9",
+            "--tls-ca",
+            "/nonexistent.pem",
+            "jobs",
+        ],
     ] {
         let out = gantry(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -113,10 +113,15 @@ fn parse_executor(s: &str) -> Result<pb::ExecutorKind, String> {
 impl Config {
     /// A configuration from these flags (as if typed after `gantry-runner`), for programs
     /// that embed a runner (`gantry dev`).
+    /// The environment is not read: the embedding program says everything.
     pub fn try_parse_from_args<I: IntoIterator<Item = String>>(
         args: I,
     ) -> Result<Config, clap::Error> {
-        Config::try_parse_from(std::iter::once("gantry-runner".to_string()).chain(args))
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let matches = Config::command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(std::iter::once("gantry-runner".to_string()).chain(args))?;
+        Config::from_arg_matches(&matches)
     }
 
     /// The name to register under.

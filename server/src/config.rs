@@ -75,10 +75,21 @@ pub struct Config {
 
 impl Config {
     /// A configuration with every default, for embedding and tests.
+    /// The environment is not read: an embedding program (`gantry dev`, the tests) says
+    /// everything that differs from the defaults.
     pub fn with_database(database_url: impl Into<String>) -> Config {
-        use clap::Parser;
-        let mut config = Config::parse_from(["gantry-server"]);
-        config.database_url = database_url.into();
-        config
+        use clap::{CommandFactory as _, FromArgMatches as _};
+        let defaults = Config::command()
+            .mut_args(|a| a.env(None))
+            .try_get_matches_from(["gantry-server"])
+            .and_then(|m| Config::from_arg_matches(&m));
+        match defaults {
+            Ok(mut config) => {
+                config.database_url = database_url.into();
+                config
+            }
+            // Only a defect in the declarations above can get here (no input is read).
+            Err(e) => panic!("the server's default configuration does not parse: {e}"),
+        }
     }
 }

@@ -451,6 +451,17 @@ async fn gantry_dev_serves_a_job_end_to_end_and_stops_on_sigint() {
     .await;
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(run.stdout, "hello from gantry\n");
+    // A second `gantry dev` on the same data directory is refused, in one line.
+    let second = std::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data.path())
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("run a second gantry dev");
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(err.contains("another gantry dev is using"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
     let runners = gantry(&server, &token, &["-o", "json", "runners"]).await;
     let v: serde_json::Value = serde_json::from_str(&runners.stdout).expect("JSON");
     assert_eq!(v["runners"][0]["state"], "online", "{v}");
@@ -552,4 +563,43 @@ async fn watch_renders_a_live_progress_bar_in_a_real_terminal() {
         "{end}"
     );
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_cut_off_by_a_server_crash_says_so_and_exits_3() {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut server = gantry_tests::procs::ServerProcess::start(&[]).await;
+    let mut jobs = server.jobs().await;
+    // No runner: the job stays queued, so the watch cannot end on its own.
+    let id = submit(&mut jobs, sh("true")).await;
+    let mut watch = tokio::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+        .args([
+            "--server",
+            &server.url,
+            "--token",
+            &server.api_token,
+            "watch",
+            &id,
+        ])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gantry watch");
+    let mut lines = tokio::io::BufReader::new(watch.stdout.take().expect("stdout")).lines();
+    let first = tokio::time::timeout(gantry_tests::PATIENCE, lines.next_line())
+        .await
+        .expect("watch prints the first event")
+        .expect("read");
+    assert_eq!(first.as_deref(), Some("status queued: submitted"));
+    server.kill().await;
+    let out = tokio::time::timeout(gantry_tests::PATIENCE, watch.wait_with_output())
+        .await
+        .expect("watch ends")
+        .expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: "), "{err}");
 }
