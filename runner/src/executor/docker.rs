@@ -285,7 +285,10 @@ impl DockerExecutor {
                     stdout: true,
                     stderr: true,
                     stream: true,
-                    logs: true,
+                    // The attach completes before the start, so the stream sees every
+                    // byte; a replay of the log as well could repeat output the start
+                    // raced into both.
+                    logs: false,
                     ..Default::default()
                 }),
             )
