@@ -151,18 +151,14 @@ pub async fn list(global: &Global, args: JobsArgs) -> Result<u8> {
                     .progress
                     .as_ref()
                     .map_or_else(|| "-".to_string(), |p| format!("{}%", p.percent));
-                let plain = |s: String| {
-                    let w = s.chars().count();
-                    (s, w)
-                };
                 t.row(vec![
-                    plain(job.id.clone()),
+                    render::cell(job.id.clone()),
                     render::status_cell(job.status, colour),
-                    plain(spec.queue.clone()),
-                    plain(render::ago(job.created_at_unix_ms)),
-                    plain(job.attempt_count.to_string()),
-                    plain(progress),
-                    plain(render::what(&spec)),
+                    render::cell(spec.queue.clone()),
+                    render::cell(render::ago(job.created_at_unix_ms)),
+                    render::cell(job.attempt_count.to_string()),
+                    render::cell(progress),
+                    render::cell(render::what(&spec)),
                 ]);
             }
             t.print();
@@ -218,16 +214,12 @@ pub fn print_job(job: &pb::Job, output: Output) {
         println!();
         let mut t = Table::new(&["ATTEMPT", "STATUS", "RUNNER", "EXIT", "WHY"]);
         for a in &job.attempts {
-            let w = |s: String| {
-                let n = s.chars().count();
-                (s, n)
-            };
             t.row(vec![
-                w(a.number.to_string()),
+                render::cell(a.number.to_string()),
                 render::status_cell(a.status, colour),
-                w(a.runner_id.clone()),
-                w(a.exit_code.map_or_else(|| "-".into(), |c| c.to_string())),
-                w(a.failure_message.clone()),
+                render::cell(a.runner_id.clone()),
+                render::cell(a.exit_code.map_or_else(|| "-".into(), |c| c.to_string())),
+                render::cell(a.failure_message.clone()),
             ]);
         }
         t.print();

@@ -289,6 +289,12 @@ impl Table {
     }
 }
 
+/// A plain cell: its text and visible width.
+pub fn cell(text: String) -> (String, usize) {
+    let width = text.chars().count();
+    (text, width)
+}
+
 /// A status cell (coloured when colouring).
 pub fn status_cell(status: i32, colour: bool) -> (String, usize) {
     let name = status_name(status);

@@ -502,7 +502,7 @@ impl Runner {
                     }
                     retry_at = Instant::now() + delay;
                 }
-                Event::Done(lease, status) => self.on_done(&lease, status),
+                Event::Done(lease, status) => self.on_done(&lease, status, tx.is_some()),
                 Event::Heartbeat => {
                     // Every heartbeat is answered: two intervals of silence mean a dead
                     // connection (or a stuck server), well before the leases run out.
@@ -672,7 +672,9 @@ impl Runner {
         });
     }
 
-    fn on_done(&mut self, lease: &str, status: Option<pb::JobStatus>) {
+    /// A job task ended. `connected`: a session is open (otherwise the next hello counts the
+    /// free slot, and the outbox sends the reports).
+    fn on_done(&mut self, lease: &str, status: Option<pb::JobStatus>, connected: bool) {
         self.jobs.remove(lease);
         if self.jobs.is_empty() {
             self.idle_since = Instant::now();
@@ -680,7 +682,7 @@ impl Runner {
         if self.config.once && self.once_status.is_none() {
             self.once_status = Some(status);
         }
-        if self.leaving.is_none() {
+        if self.leaving.is_none() && connected {
             // The attempt's last reports go ahead of the credit for its slot, so the server
             // records the end of one job before it hands out the next.
             let reports = self.outbox.take_unsent(BATCH_BYTES);

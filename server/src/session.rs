@@ -186,24 +186,28 @@ async fn serve(
                     }
                 }
                 let mut reports = Vec::new();
+                let mut merged_bytes = 0usize;
                 for msg in msgs {
                     if let Some(In::Reports(batch)) = msg.kind {
-                        reports.extend(batch.reports);
                         // Bounded: a merged batch holds a few MiB of output at most.
-                        let bytes: usize = reports
+                        merged_bytes += batch
+                            .reports
                             .iter()
                             .map(|r| match &r.body {
                                 Some(pb::report::Body::Log(l)) => l.data.len(),
                                 _ => 0,
                             })
-                            .sum();
-                        if bytes >= MERGED_BATCH_BYTES
-                            && !Box::pin(ingest(app, runner_id, std::mem::take(&mut reports), out)).await?
-                        {
-                            return Ok(());
+                            .sum::<usize>();
+                        reports.extend(batch.reports);
+                        if merged_bytes >= MERGED_BATCH_BYTES {
+                            merged_bytes = 0;
+                            if !Box::pin(ingest(app, runner_id, std::mem::take(&mut reports), out)).await? {
+                                return Ok(());
+                            }
                         }
                         continue;
                     }
+                    merged_bytes = 0;
                     if !reports.is_empty() && !Box::pin(ingest(app, runner_id, std::mem::take(&mut reports), out)).await? {
                         return Ok(());
                     }

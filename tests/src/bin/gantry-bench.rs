@@ -252,20 +252,7 @@ impl SimRunner {
         seen: Arc<Seen>,
     ) -> SimRunner {
         let (_, mut client) = register(channel, reg_token, name, capacity).await;
-        let (tx, rx) = mpsc::channel(1024);
-        tx.send(pb::SessionRequest {
-            kind: Some(Out::Hello(pb::Hello {
-                free_slots: capacity,
-                held: vec![],
-            })),
-        })
-        .await
-        .expect("hello");
-        let mut inbound = client
-            .session(ReceiverStream::new(rx))
-            .await
-            .expect("session")
-            .into_inner();
+        let (tx, mut inbound) = open_session(&mut client, capacity, 1024).await;
         let out = tx.clone();
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
@@ -353,6 +340,32 @@ impl SimRunner {
             tasks: vec![reader, beater],
         }
     }
+}
+
+/// Opens a session with `free_slots` credits; `buffer` messages may wait toward the server.
+async fn open_session(
+    client: &mut RunnerServiceClient<Authed>,
+    free_slots: u32,
+    buffer: usize,
+) -> (
+    mpsc::Sender<pb::SessionRequest>,
+    tonic::Streaming<pb::SessionResponse>,
+) {
+    let (tx, rx) = mpsc::channel(buffer);
+    tx.send(pb::SessionRequest {
+        kind: Some(Out::Hello(pb::Hello {
+            free_slots,
+            held: vec![],
+        })),
+    })
+    .await
+    .expect("hello");
+    let inbound = client
+        .session(ReceiverStream::new(rx))
+        .await
+        .expect("session")
+        .into_inner();
+    (tx, inbound)
 }
 
 fn report(job: &str, lease: &str, sequence: u64, status: pb::JobStatus) -> pb::Report {
@@ -628,20 +641,7 @@ async fn sessions(k: usize) -> (f64, f64, f64) {
     let mut opening = futures::stream::FuturesUnordered::new();
     for mut client in clients {
         opening.push(async move {
-            let (tx, rx) = mpsc::channel(4);
-            tx.send(pb::SessionRequest {
-                kind: Some(Out::Hello(pb::Hello {
-                    free_slots: 0,
-                    held: vec![],
-                })),
-            })
-            .await
-            .expect("hello");
-            let mut inbound = client
-                .session(ReceiverStream::new(rx))
-                .await
-                .expect("session")
-                .into_inner();
+            let (tx, mut inbound) = open_session(&mut client, 0, 4).await;
             let _welcome = inbound.next().await;
             (tx, inbound)
         });
@@ -677,20 +677,7 @@ async fn log_ingest(server: &ServerProcess, mib: usize) -> (f64, f64) {
     let (_, mut client) = register(&ch, &server.registration_token, "logger", 1).await;
     let mut jobs = JobServiceClient::with_interceptor(ch.clone(), Bearer::new(&server.api_token));
     let id = submit(&mut jobs).await;
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::SessionRequest {
-        kind: Some(Out::Hello(pb::Hello {
-            free_slots: 1,
-            held: vec![],
-        })),
-    })
-    .await
-    .expect("hello");
-    let mut inbound = client
-        .session(ReceiverStream::new(rx))
-        .await
-        .expect("session")
-        .into_inner();
+    let (tx, mut inbound) = open_session(&mut client, 1, 64).await;
     let lease = loop {
         match inbound.next().await {
             Some(Ok(pb::SessionResponse {
