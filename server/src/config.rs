@@ -71,6 +71,11 @@ pub struct Config {
     /// PEM private key for TLS (with --tls-cert).
     #[arg(long, env = "GANTRY_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// An extra plaintext listener that serves only `grpc.health.v1.Health`, for health
+    /// checkers that cannot speak TLS (Kubernetes' native gRPC probes). Off when absent.
+    #[arg(long, env = "GANTRY_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
 }
 
 impl Config {

@@ -62,6 +62,8 @@ impl App {
 pub struct RunningServer {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where the plaintext health-only listener is, when `health_listen` asked for one.
+    pub health_addr: Option<SocketAddr>,
     /// The registration token in force (generated when the config had none).
     pub registration_token: String,
     /// The API tokens in force (one generated when the config had none).
@@ -154,6 +156,19 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     // Health is known before the first call is accepted.
     let initial = set_health(&app, &health_reporter, None).await;
+    health_reporter
+        .set_service_status(LIVENESS, ServingStatus::Serving)
+        .await;
+    let health_addr = match config.health_listen {
+        Some(at) => {
+            let (addr, task) = serve_health(at, health_service.clone(), shutdown_rx.clone())
+                .await
+                .with_context(|| format!("binding the health listener {at}"))?;
+            tasks.push(task);
+            Some(addr)
+        }
+        None => None,
+    };
     tasks.push(tokio::spawn(probe_health(
         app.clone(),
         health_reporter,
@@ -208,6 +223,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     tracing::info!(%addr, postgres = store.is_postgres(), "gantry-server listening");
     Ok(RunningServer {
         addr,
+        health_addr,
         registration_token,
         api_tokens,
         shutdown: shutdown_tx,
@@ -216,6 +232,36 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         tasks,
         store,
     })
+}
+
+/// The health service name that is SERVING for as long as the process serves, whatever the
+/// database says: for liveness checks, so that a database outage does not restart servers.
+pub const LIVENESS: &str = "liveness";
+
+/// Serves only `grpc.health.v1.Health`, in plaintext, on `at` until shutdown.
+async fn serve_health(
+    at: SocketAddr,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, JoinHandle<()>)> {
+    let listener = TcpListener::bind(at).await?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let task = tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = crate::events::stopped(&mut stop).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the health listener failed");
+        }
+    });
+    tracing::info!(%addr, "health listener (plaintext, grpc.health.v1 only)");
+    Ok((addr, task))
 }
 
 /// Names the health service reports on besides the overall "".
@@ -237,7 +283,7 @@ async fn probe_health(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = crate::events::stopped(&mut shutdown) => {
-                for name in SERVICES {
+                for name in SERVICES.iter().chain([&LIVENESS]) {
                     reporter.set_service_status(*name, ServingStatus::NotServing).await;
                 }
                 return;

@@ -225,6 +225,11 @@ impl TestServer {
             .expect("replica starts")
     }
 
+    /// Where the plaintext health-only listener is, when the configuration asked for one.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().and_then(|s| s.health_addr)
+    }
+
     /// The database URL.
     pub fn database_url(&self) -> &str {
         &self.db.url

@@ -145,6 +145,52 @@ async fn tls_serves_clients_that_trust_the_certificate() {
     server.stop().await;
 }
 
+/// Beside a TLS listener, `health_listen` serves `grpc.health.v1` in plaintext (for
+/// Kubernetes' gRPC probes, which cannot speak TLS) and nothing else; the `liveness` service
+/// is SERVING as the overall one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_health_listener_serves_only_health_beside_tls() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
+    std::fs::write(dir.path().join("tls.crt"), key.cert.pem()).expect("write cert");
+    std::fs::write(dir.path().join("tls.key"), key.signing_key.serialize_pem()).expect("write key");
+    let server = TestServer::start_with(Db::Sqlite, |c| {
+        c.tls_cert = Some(dir.path().join("tls.crt"));
+        c.tls_key = Some(dir.path().join("tls.key"));
+        c.health_listen = Some("127.0.0.1:0".parse().expect("addr"));
+    })
+    .await;
+    let at = server
+        .health_addr()
+        .expect("a health listener was asked for");
+    assert_ne!(at.port(), server.addr.port());
+    let plain = Channel::from_shared(format!("http://{at}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("plaintext connection to the health listener");
+    for service in ["", "liveness", "gantry.v1.JobService"] {
+        let answer = HealthClient::new(plain.clone())
+            .check(HealthCheckRequest {
+                service: service.to_string(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health check of {service:?}: {e}"));
+        assert_eq!(
+            answer.into_inner().status,
+            ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+    let other = JobServiceClient::with_interceptor(plain, Bearer::new(&server.api_token))
+        .list_jobs(pb::ListJobsRequest::default())
+        .await
+        .expect_err("the health listener serves nothing but health");
+    assert_eq!(other.code(), tonic::Code::Unimplemented, "{other:?}");
+    server.stop().await;
+}
+
 /// Health is SERVING while the database answers and NOT_SERVING once it does not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_follows_the_database() {
@@ -193,6 +239,14 @@ async fn health_follows_the_database() {
         .await
         .expect("check");
     assert_eq!(bare.into_inner().status, ServingStatus::NotServing as i32);
+    // Liveness does not follow the database: a restart would not bring it back.
+    let live = HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: gantry_server::LIVENESS.into(),
+        })
+        .await
+        .expect("liveness check");
+    assert_eq!(live.into_inner().status, ServingStatus::Serving as i32);
     drop(watch);
     server.stop().await;
 }
