@@ -31,7 +31,8 @@ OUT=${CARGO_TARGET_DIR:-target}/$TRIPLE/release
 CONTEXT=$(mktemp -d)
 trap 'rm -rf "$CONTEXT"' EXIT
 for bin in gantry-server gantry-runner; do
-    if readelf -l "$OUT/$bin" | grep -q 'program interpreter'; then
+    headers=$(readelf -l "$OUT/$bin")
+    if grep -q 'program interpreter' <<<"$headers"; then
         echo "error: $OUT/$bin is dynamically linked; the images need a static binary" >&2
         exit 1
     fi

