@@ -3,7 +3,8 @@
 //! the job's `not_before` has passed, and the job's `lock_key` (if any) is free. Among
 //! those, higher priority first, then the oldest (UUIDv7 order).
 //!
-//! Claims run in a write transaction; on PostgreSQL candidate rows are read
+//! One task, the [`Claimer`], claims for every runner: the claims waiting at a moment share
+//! one write transaction. On PostgreSQL candidate rows are read
 //! `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never hand out one job twice, and
 //! a lock key is taken by inserting its row (primary key) in the same transaction.
 use std::{collections::HashMap, time::Duration};
@@ -13,6 +14,7 @@ use sea_orm::{
     ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{LockBehavior, LockType, OnConflict},
 };
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
@@ -56,68 +58,228 @@ pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
     })
 }
 
-/// How many candidates one claim looks at per window: what it can take and a little more
-/// (jobs whose labels the runner lacks are skipped; further windows follow when needed).
-/// Each candidate is a whole row with its spec, so a wide window costs every claim.
-fn window(max: usize) -> u64 {
-    (max as u64) + 16
+/// Claim requests answered by one transaction at most.
+const MAX_CLAIMS_AT_ONCE: usize = 256;
+
+/// Candidate rows read per window beyond what the waiting claims can take: jobs no waiting
+/// runner can run (labels) are skipped, and further windows follow when needed.
+const WINDOW_SLACK: u64 = 16;
+
+/// Candidates one claim transaction looks at, at most: further windows find jobs behind
+/// ones that no waiting runner can take (label matching in SQL is on the roadmap).
+const MAX_CANDIDATES: u64 = 1024;
+
+/// A runner's wish for up to `max` jobs, waiting for the claimer.
+pub struct ClaimRequest {
+    runner_id: Uuid,
+    max: usize,
+    reply: oneshot::Sender<Result<Vec<pb::Assignment>>>,
 }
 
-/// Claims up to `max` jobs for `runner` now. Returns the assignments (possibly none).
-pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<pb::Assignment>> {
-    if max == 0 || runner.state == pb::RunnerState::Draining as i32 {
-        return Ok(Vec::new());
+/// Handle to the claimer: the one task that claims jobs for runners. Claims are
+/// group-committed like submits and reports: every claim waiting when the claimer is free
+/// (one per session woken by new work, typically) is answered by one transaction that reads
+/// one window of candidates for all of them, instead of one transaction each.
+#[derive(Clone)]
+pub struct Claimer {
+    tx: mpsc::Sender<ClaimRequest>,
+}
+
+impl Claimer {
+    /// A channel pair: the handle and the receiver the task consumes.
+    pub fn channel() -> (Claimer, mpsc::Receiver<ClaimRequest>) {
+        let (tx, rx) = mpsc::channel(4096);
+        (Claimer { tx }, rx)
+    }
+
+    /// Starts the claimer task for `app`.
+    pub fn start(app: App, rx: mpsc::Receiver<ClaimRequest>) {
+        tokio::spawn(run_claimer(app, rx));
+    }
+
+    /// Claims up to `max` jobs for `runner_id` now. Returns the assignments (possibly none).
+    pub async fn claim(&self, runner_id: Uuid, max: usize) -> Result<Vec<pb::Assignment>> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(ClaimRequest {
+                runner_id,
+                max,
+                reply,
+            })
+            .await
+            .map_err(|_| Error::Unavailable("server is shutting down".into()))?;
+        rx.await
+            .map_err(|_| Error::Unavailable("server is shutting down".into()))?
+    }
+}
+
+async fn run_claimer(app: App, mut rx: mpsc::Receiver<ClaimRequest>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_CLAIMS_AT_ONCE {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let wants: Vec<(Uuid, usize)> = batch.iter().map(|r| (r.runner_id, r.max)).collect();
+        match claim_for(&app, &wants).await {
+            Ok(answers) => {
+                for (r, a) in batch.into_iter().zip(answers) {
+                    let _ = r.reply.send(a);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, claims = batch.len(), "claim transaction failed");
+                for r in batch {
+                    let _ = r.reply.send(Err(e.duplicate()));
+                }
+            }
+        }
+    }
+}
+
+/// One claim of the batch: the runner, what it may still take, what it got.
+struct Want {
+    runner: RunnerProfile,
+    room: usize,
+    got: Vec<pb::Assignment>,
+}
+
+impl Want {
+    fn takes(&self, job: &job::Model, spec: &pb::JobSpec) -> bool {
+        self.room > 0
+            && self.runner.queues.contains(&job.queue)
+            && self.runner.executors.contains(&job.executor)
+            && spec
+                .labels
+                .iter()
+                .all(|(k, v)| self.runner.labels.get(k) == Some(v))
+    }
+}
+
+/// Claims for every `(runner, max)` in one transaction: one window of candidates, in
+/// dispatch order, each given to the next runner (round robin) that may take it. Answers
+/// in the order asked; a runner that is unknown gets `NotFound`, a draining one nothing.
+async fn claim_for(app: &App, wants: &[(Uuid, usize)]) -> Result<Vec<Result<Vec<pb::Assignment>>>> {
+    let ids: Vec<Uuid> = wants.iter().map(|(id, _)| *id).collect();
+    let mut profiles: HashMap<Uuid, RunnerProfile> = HashMap::new();
+    for row in runner::Entity::find()
+        .filter(runner::Column::Id.is_in(ids))
+        .all(app.store.db())
+        .await?
+    {
+        let info: pb::RegisterRequest = decode(&row.info)?;
+        profiles.insert(
+            row.id,
+            RunnerProfile {
+                id: row.id,
+                labels: info.labels,
+                executors: info.executors,
+                queues: info.queues,
+                state: row.state,
+                capacity: u32::try_from(row.capacity).unwrap_or(1),
+            },
+        );
+    }
+    // Slot i of `claims` answers wants[i]; None: the runner is unknown.
+    let mut claims: Vec<Option<Want>> = wants
+        .iter()
+        .map(|(id, max)| {
+            profiles.get(id).map(|p| Want {
+                room: if p.state == pb::RunnerState::Draining as i32 {
+                    0
+                } else {
+                    *max
+                },
+                runner: p.clone(),
+                got: Vec::new(),
+            })
+        })
+        .collect();
+    let answer = |claims: Vec<Option<Want>>| -> Vec<Result<Vec<pb::Assignment>>> {
+        claims
+            .into_iter()
+            .zip(wants)
+            .map(|(c, (id, _))| match c {
+                Some(w) => Ok(w.got),
+                None => Err(Error::NotFound(format!("runner {id}"))),
+            })
+            .collect()
+    };
+    let room: usize = claims.iter().flatten().map(|w| w.room).sum();
+    let mut queues: Vec<String> = claims
+        .iter()
+        .flatten()
+        .filter(|w| w.room > 0)
+        .flat_map(|w| w.runner.queues.iter().cloned())
+        .collect();
+    queues.sort();
+    queues.dedup();
+    let mut executors: Vec<i32> = claims
+        .iter()
+        .flatten()
+        .filter(|w| w.room > 0)
+        .flat_map(|w| w.runner.executors.iter().copied())
+        .collect();
+    executors.sort();
+    executors.dedup();
+    if room == 0 {
+        return Ok(answer(claims));
     }
     // A read first: no write transaction (on SQLite, the one writer) when nothing waits.
     let waiting = job::Entity::find()
         .select_only()
         .column(job::Column::Id)
         .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
-        .filter(job::Column::Queue.is_in(runner.queues.clone()))
-        .filter(job::Column::Executor.is_in(runner.executors.clone()))
+        .filter(job::Column::Queue.is_in(queues.clone()))
+        .filter(job::Column::Executor.is_in(executors.clone()))
         .filter(job::Column::NotBefore.lte(crate::lifecycle::now_ms()))
         .limit(1)
         .into_tuple::<Uuid>()
         .one(app.store.db())
         .await?;
     if waiting.is_none() {
-        return Ok(Vec::new());
+        return Ok(answer(claims));
     }
     let wtx = app.store.write().await?;
     let mut lc = Lifecycle::new(&wtx.txn, app.rules());
     let postgres = app.store.is_postgres();
-    let mut assignments = Vec::new();
+    let window = room as u64 + WINDOW_SLACK;
+    let mut left = room;
+    let mut next = 0usize; // round robin over the claims
     let mut offset = 0u64;
-    // Further windows find jobs behind ones whose labels this runner lacks: up to about a
-    // thousand candidates per claim (label matching in SQL is on the roadmap).
-    let windows = 1024u64.div_ceil(window(max)).max(4);
-    for _ in 0..windows {
+    while left > 0 && offset < MAX_CANDIDATES {
         let mut q = job::Entity::find()
             .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
-            .filter(job::Column::Queue.is_in(runner.queues.clone()))
-            .filter(job::Column::Executor.is_in(runner.executors.clone()))
+            .filter(job::Column::Queue.is_in(queues.clone()))
+            .filter(job::Column::Executor.is_in(executors.clone()))
             .filter(job::Column::NotBefore.lte(lc.now))
             .order_by_desc(job::Column::Priority)
             .order_by_asc(job::Column::Id)
             .offset(offset)
-            .limit(window(max));
+            .limit(window);
         if postgres {
             q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         }
         let candidates = q.all(lc.txn()).await?;
         let seen = candidates.len() as u64;
         for candidate in candidates {
-            if assignments.len() >= max {
+            if left == 0 {
                 break;
             }
             let spec: pb::JobSpec = decode(&candidate.spec)?;
-            if !spec
-                .labels
-                .iter()
-                .all(|(k, v)| runner.labels.get(k) == Some(v))
-            {
+            let n = claims.len();
+            let Some(taker) = (0..n).map(|k| (next + k) % n).find(|&i| {
+                claims[i]
+                    .as_ref()
+                    .is_some_and(|w| w.takes(&candidate, &spec))
+            }) else {
                 continue;
-            }
+            };
             let job_id = candidate.id;
             let lock_key = candidate.lock_key.clone();
             // Read just now in this transaction (and locked on PostgreSQL): no second read.
@@ -143,8 +305,11 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
                     continue; // held by another claimed job: this one waits.
                 }
             }
-            let attempt = lc.start_attempt(job_id, runner.id, lease_id)?;
-            assignments.push(pb::Assignment {
+            let Some(want) = claims[taker].as_mut() else {
+                continue;
+            };
+            let attempt = lc.start_attempt(job_id, want.runner.id, lease_id)?;
+            want.got.push(pb::Assignment {
                 job_id: job_id.to_string(),
                 lease_id: attempt.lease_id.to_string(),
                 attempt: u32::try_from(attempt.number).unwrap_or_default(),
@@ -152,22 +317,25 @@ pub async fn claim(app: &App, runner: &RunnerProfile, max: usize) -> Result<Vec<
                 lease_expires_at_unix_ms: attempt.lease_expires_at,
                 deadline_unix_ms: attempt.deadline_at,
             });
+            want.room -= 1;
+            left -= 1;
+            next = taker + 1;
         }
-        if assignments.len() >= max || seen < window(max) {
+        if seen < window {
             break;
         }
         offset += seen;
     }
-    if assignments.is_empty() {
+    if left == room {
         // Nothing changed: release the transaction (and the SQLite gate) without writing.
         drop(lc);
         wtx.txn.rollback().await?;
-        return Ok(assignments);
+        return Ok(answer(claims));
     }
     let signals = lc.flush().await?;
     wtx.commit().await?;
     app.hub.publish(signals);
-    Ok(assignments)
+    Ok(answer(claims))
 }
 
 /// Takes back claims whose assignments could not be sent (see `Lifecycle::undo_claim`).
@@ -207,7 +375,10 @@ pub async fn claim_wait(
             .count(app.store.db())
             .await?;
         let room = u64::from(profile.capacity).saturating_sub(active);
-        let got = claim(app, &profile, max.min(usize::try_from(room).unwrap_or(0))).await?;
+        let got = app
+            .claimer
+            .claim(runner_id, max.min(usize::try_from(room).unwrap_or(0)))
+            .await?;
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(got);
         }

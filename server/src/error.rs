@@ -46,6 +46,21 @@ impl Error {
         }
     }
 
+    /// The same error again, for each of several callers answered by one failed operation
+    /// (a database error keeps its code and message, not its source).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            Error::Invalid { field, rule } => Error::invalid(field.clone(), rule.clone()),
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::Database(e) => Error::Unavailable(format!("database error: {e}")),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+
     /// The gRPC code this error maps to.
     pub fn code(&self) -> Code {
         match self {

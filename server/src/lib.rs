@@ -45,6 +45,8 @@ pub struct App {
     pub ingester: reports::Ingester,
     /// The group-committing job submitter.
     pub submitter: jobs::submit::Submitter,
+    /// The group-committing claimer (dispatch for every runner).
+    pub claimer: dispatch::Claimer,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -137,6 +139,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ingester, ingest_rx) = reports::Ingester::channel();
     let (submitter, submit_rx) = jobs::submit::Submitter::channel();
+    let (claimer, claim_rx) = dispatch::Claimer::channel();
     let app = App {
         store: store.clone(),
         hub: Arc::new(events::Hub::default()),
@@ -144,10 +147,12 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         config: Arc::new(config.clone()),
         ingester,
         submitter,
+        claimer,
         shutdown: shutdown_rx.clone(),
     };
     reports::Ingester::start(app.clone(), ingest_rx);
     jobs::submit::Submitter::start(app.clone(), submit_rx);
+    dispatch::Claimer::start(app.clone(), claim_rx);
     let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
     if store.is_postgres() {
         tasks.push(tokio::spawn(replicas::run(app.clone())));

@@ -154,8 +154,7 @@ async fn serve(
         if check_work && credits > 0 {
             check_work = false;
             work_rx.borrow_and_update();
-            let profile = Box::pin(dispatch::profile(app, runner_id)).await?;
-            let got = Box::pin(dispatch::claim(app, &profile, credits as usize)).await?;
+            let got = app.claimer.claim(runner_id, credits as usize).await?;
             let mut pending = got.into_iter();
             while let Some(assignment) = pending.next() {
                 credits -= 1;
