@@ -7,14 +7,14 @@
 //! one write transaction. On PostgreSQL candidate rows are read
 //! `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never hand out one job twice, and
 //! a lock key is taken by inserting its row (primary key) in the same transaction.
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use gantry_proto as pb;
 use sea_orm::{
     ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{LockBehavior, LockType, OnConflict},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
@@ -57,6 +57,9 @@ pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
         capacity: u32::try_from(row.capacity).unwrap_or(1),
     })
 }
+
+/// Claim transactions in flight at once on PostgreSQL.
+const PARALLEL_CLAIMS_POSTGRES: usize = 4;
 
 /// Claim requests answered by one transaction at most.
 const MAX_CLAIMS_AT_ONCE: usize = 256;
@@ -117,7 +120,18 @@ impl Claimer {
 }
 
 async fn run_claimer(app: App, mut rx: mpsc::Receiver<ClaimRequest>) {
+    // SQLite has one writer: one claim transaction at a time. On PostgreSQL a few overlap
+    // (each a network round trip at every statement); SKIP LOCKED keeps them apart.
+    let in_flight = Arc::new(Semaphore::new(if app.store.is_postgres() {
+        PARALLEL_CLAIMS_POSTGRES
+    } else {
+        1
+    }));
     while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        // Claims that arrived while the previous transactions ran join this one.
         let mut batch = vec![first];
         while batch.len() < MAX_CLAIMS_AT_ONCE {
             match rx.try_recv() {
@@ -125,20 +139,24 @@ async fn run_claimer(app: App, mut rx: mpsc::Receiver<ClaimRequest>) {
                 Err(_) => break,
             }
         }
-        let wants: Vec<(Uuid, usize)> = batch.iter().map(|r| (r.runner_id, r.max)).collect();
-        match claim_for(&app, &wants).await {
-            Ok(answers) => {
-                for (r, a) in batch.into_iter().zip(answers) {
-                    let _ = r.reply.send(a);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let wants: Vec<(Uuid, usize)> = batch.iter().map(|r| (r.runner_id, r.max)).collect();
+            match claim_for(&app, &wants).await {
+                Ok(answers) => {
+                    for (r, a) in batch.into_iter().zip(answers) {
+                        let _ = r.reply.send(a);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, claims = batch.len(), "claim transaction failed");
+                    for r in batch {
+                        let _ = r.reply.send(Err(e.duplicate()));
+                    }
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, claims = batch.len(), "claim transaction failed");
-                for r in batch {
-                    let _ = r.reply.send(Err(e.duplicate()));
-                }
-            }
-        }
+            drop(permit);
+        });
     }
 }
 
