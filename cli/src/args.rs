@@ -38,6 +38,10 @@ pub struct Global {
     /// PEM file of the CA that signed the server's certificate.
     #[arg(long, env = "GANTRY_TLS_CA", global = true)]
     pub tls_ca: Option<PathBuf>,
+    /// The name the server's certificate must carry, when it differs from the --server host
+    /// (e.g. through `kubectl port-forward`, where the host is 127.0.0.1).
+    #[arg(long, env = "GANTRY_TLS_DOMAIN", global = true)]
+    pub tls_domain: Option<String>,
     /// Output format of read commands: a table for people, or JSON (one document; NDJSON
     /// for streams) for programs.
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, global = true)]

@@ -165,6 +165,14 @@ impl Clients {
                 "--tls-ca needs an https:// --server (the token would go in clear text)",
             ));
         }
+        if https && global.tls_ca.is_none() {
+            return Err(CliError::usage(
+                "an https:// --server needs --tls-ca (the CA that signed its certificate)",
+            ));
+        }
+        if global.tls_domain.is_some() && !https {
+            return Err(CliError::usage("--tls-domain needs an https:// --server"));
+        }
         let token = match global.token.as_deref() {
             Some(t) => Some(
                 format!("Bearer {t}")
@@ -180,12 +188,19 @@ impl Clients {
             .http2_keep_alive_interval(std::time::Duration::from_secs(20))
             .keep_alive_timeout(std::time::Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        if let Some(ca) = &global.tls_ca {
-            let pem = std::fs::read(ca)
-                .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+        if https {
+            let mut tls = ClientTlsConfig::new();
+            if let Some(ca) = &global.tls_ca {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            if let Some(domain) = &global.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
             endpoint = endpoint
-                .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
-                .map_err(|e| CliError::usage(format!("--tls-ca: {}", innermost(&e))))?;
+                .tls_config(tls)
+                .map_err(|e| CliError::usage(format!("TLS: {}", innermost(&e))))?;
         }
         let channel = endpoint.connect().await.map_err(|e| {
             // The innermost cause says it best ("Connection refused").

@@ -68,6 +68,13 @@ fn bad_flags_are_one_line_with_exit_status_2() {
             "/nonexistent.pem",
             "jobs",
         ],
+        &[
+            "--server",
+            "http://127.0.0.1:9",
+            "--tls-domain",
+            "gantry-server",
+            "jobs",
+        ],
     ] {
         let out = gantry(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

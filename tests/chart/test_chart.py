@@ -728,10 +728,11 @@ def test_notes_tell_how_to_reach_the_server(name: str) -> None:
     assert '-H "authorization: Bearer $GANTRY_TOKEN"' in text
     assert "{{" not in text and "<no value>" not in text
     if values.get("tls", {}).get("enabled"):
-        assert "GANTRY_SERVER=https://localhost:50051" in text
-        assert "GANTRY_TLS_CA" in text
-        assert "gantry jobs" in text
         cert_name = values["tls"].get("serverName") or f"{FULLNAME}-server"
+        assert "GANTRY_SERVER=https://127.0.0.1:50051" in text
+        assert "GANTRY_TLS_CA" in text
+        assert f"GANTRY_TLS_DOMAIN={cert_name}" in text
+        assert "gantry jobs" in text
         assert f"grpcurl -cacert gantry-ca.crt -servername {cert_name} 127.0.0.1:50051 list" in text
         assert "get secret gantry-ca" in text and "{.data.root\\.pem}" in text
         assert "-plaintext" not in text

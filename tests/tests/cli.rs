@@ -603,3 +603,64 @@ async fn a_watch_cut_off_by_a_server_crash_says_so_and_exits_3() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: "), "{err}");
 }
+
+/// Over TLS the CLI trusts the server through `--tls-ca`; `--tls-domain` names the
+/// certificate's host when the URL's differs (a port-forward to 127.0.0.1, say). A name
+/// mismatch is refused, not ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_cli_checks_the_certificate_against_its_ca_and_domain() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["gantry-server".to_string()]).expect("certificate");
+    let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&crt, cert.cert.pem()).expect("write cert");
+    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("write key");
+    let (c, k) = (crt.clone(), key.clone());
+    let server = TestServer::start_with(Db::Sqlite, move |cfg| {
+        cfg.tls_cert = Some(c);
+        cfg.tls_key = Some(k);
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}", server.addr.port());
+    let ca = crt.to_str().expect("utf-8 path");
+    let token = server.api_token.clone();
+
+    let ok = gantry(
+        &url,
+        &token,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-domain",
+            "gantry-server",
+            "-o",
+            "json",
+            "jobs",
+        ],
+    )
+    .await;
+    assert_eq!(ok.code, 0, "{ok:?}");
+    let listed: serde_json::Value = serde_json::from_str(&ok.stdout).expect("jobs -o json");
+    assert!(listed.is_object() || listed.is_array(), "{listed}");
+
+    // The certificate names gantry-server, not 127.0.0.1: refused without --tls-domain.
+    let mismatch = gantry(&url, &token, &["--tls-ca", ca, "jobs"]).await;
+    assert_eq!(mismatch.code, 3, "{mismatch:?}");
+    assert!(
+        mismatch.stderr.contains("cannot reach the server"),
+        "{mismatch:?}"
+    );
+    // And with a domain it does not carry.
+    let wrong = gantry(
+        &url,
+        &token,
+        &["--tls-ca", ca, "--tls-domain", "elsewhere", "jobs"],
+    )
+    .await;
+    assert_eq!(wrong.code, 3, "{wrong:?}");
+    // https without a CA is a usage error, said before any connection.
+    let no_ca = gantry(&url, &token, &["jobs"]).await;
+    assert_eq!(no_ca.code, 2, "{no_ca:?}");
+    assert!(no_ca.stderr.contains("--tls-ca"), "{no_ca:?}");
+    server.stop().await;
+}
