@@ -47,6 +47,8 @@ pub struct App {
     pub submitter: jobs::submit::Submitter,
     /// The group-committing claimer (dispatch for every runner).
     pub claimer: dispatch::Claimer,
+    /// The group-committing heartbeat writer.
+    pub heartbeats: leases::Heartbeats,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -140,6 +142,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let (ingester, ingest_rx) = reports::Ingester::channel();
     let (submitter, submit_rx) = jobs::submit::Submitter::channel();
     let (claimer, claim_rx) = dispatch::Claimer::channel();
+    let (heartbeats, beat_rx) = leases::Heartbeats::channel();
     let app = App {
         store: store.clone(),
         hub: Arc::new(events::Hub::default()),
@@ -148,11 +151,13 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         ingester,
         submitter,
         claimer,
+        heartbeats,
         shutdown: shutdown_rx.clone(),
     };
     reports::Ingester::start(app.clone(), ingest_rx);
     jobs::submit::Submitter::start(app.clone(), submit_rx);
     dispatch::Claimer::start(app.clone(), claim_rx);
+    leases::Heartbeats::start(app.clone(), beat_rx);
     let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
     if store.is_postgres() {
         tasks.push(tokio::spawn(replicas::run(app.clone())));

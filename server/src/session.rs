@@ -81,7 +81,13 @@ async fn serve(
     ))
     .await?;
     Box::pin(runners::session_opened(app, runner_id)).await?;
-    let beat = Box::pin(leases::heartbeat(app, runner_id, &hello.held)).await?;
+    let beat = Box::pin(leases::heartbeat(
+        app,
+        runner_id,
+        &hello.held,
+        leases::Commands::Pushed,
+    ))
+    .await?;
     // Credits never exceed the registered capacity, whatever the runner grants.
     let capacity = Box::pin(dispatch::profile(app, runner_id)).await?.capacity;
     let mut credits = hello.free_slots.min(capacity);
@@ -216,9 +222,8 @@ async fn serve(
                             check_work = true;
                         }
                         Some(In::Heartbeat(h)) => {
-                            let resp = Box::pin(leases::heartbeat(app, runner_id, &h.held)).await?;
                             // Commands travel separately on this stream.
-                            let resp = pb::HeartbeatResponse { commands: Vec::new(), ..resp };
+                            let resp = Box::pin(leases::heartbeat(app, runner_id, &h.held, leases::Commands::Pushed)).await?;
                             if !send(out, Out::HeartbeatAck(resp)).await {
                                 return Ok(());
                             }

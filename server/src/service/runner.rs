@@ -68,7 +68,7 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
             .await?;
         let req = request.into_inner();
         Ok(Response::new(
-            leases::heartbeat(&self.0, runner, &req.held).await?,
+            leases::heartbeat(&self.0, runner, &req.held, leases::Commands::Pending).await?,
         ))
     }
 

@@ -609,7 +609,7 @@ fn rss_kib(pid: u32) -> f64 {
 }
 
 /// Idle sessions: K runners registered, K sessions open; the server's RSS per session.
-async fn sessions(k: usize) -> (f64, f64, f64) {
+async fn sessions(k: usize) -> (f64, f64, f64, f64) {
     raise_fd_limit();
     let server = ServerProcess::start(&[]).await;
     let pid = server.pid().expect("server pid");
@@ -659,9 +659,42 @@ async fn sessions(k: usize) -> (f64, f64, f64) {
     // at the default 30 s lease a real runner would send one every 10 s).
     tokio::time::sleep(Duration::from_secs(3)).await;
     let after = rss_kib(pid);
+    // Then every runner heartbeats at the same moment (as after a server restart): the
+    // time until every one is acknowledged, i.e. persisted.
+    let start = Instant::now();
+    let mut beating = futures::stream::FuturesUnordered::new();
+    for (tx, mut inbound) in open {
+        beating.push(async move {
+            tx.send(pb::SessionRequest {
+                kind: Some(Out::Heartbeat(pb::HeartbeatRequest::default())),
+            })
+            .await
+            .expect("heartbeat");
+            loop {
+                match inbound.next().await {
+                    Some(Ok(pb::SessionResponse {
+                        kind: Some(In::HeartbeatAck(_)),
+                    })) => break,
+                    Some(Ok(_)) => {}
+                    other => panic!("session ended before its heartbeat ack: {other:?}"),
+                }
+            }
+            (tx, inbound)
+        });
+    }
+    let mut open = Vec::with_capacity(k);
+    while let Some(s) = beating.next().await {
+        open.push(s);
+    }
+    let beat_rate = k as f64 / start.elapsed().as_secs_f64();
     drop(open);
     let per_session_kib = (after - before) / k as f64;
-    (after / 1024.0, per_session_kib, k as f64 / open_secs)
+    (
+        after / 1024.0,
+        per_session_kib,
+        k as f64 / open_secs,
+        beat_rate,
+    )
 }
 
 fn raise_fd_limit() {
@@ -1115,7 +1148,7 @@ async fn main() {
     }
 
     progress(&format!("sessions: {k} idle runner sessions"));
-    let (rss_mib, per_session_kib, open_rate) = sessions(k).await;
+    let (rss_mib, per_session_kib, open_rate, beat_rate) = sessions(k).await;
     report.add(
         "sessions",
         format!("server RSS with {k} sessions"),
@@ -1128,6 +1161,13 @@ async fn main() {
         "sessions",
         "sessions opened per second",
         open_rate,
+        "1/s",
+        "",
+    );
+    report.add(
+        "sessions",
+        format!("heartbeats/s, all {k} at once"),
+        beat_rate,
         "1/s",
         "",
     );
