@@ -7,18 +7,21 @@
 //! one write transaction. On PostgreSQL candidate rows are read
 //! `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never hand out one job twice, and
 //! a lock key is taken by inserting its row (primary key) in the same transaction.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap},
+    time::Duration,
+};
 
 use gantry_proto as pb;
 use sea_orm::{
     ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
     sea_query::{LockBehavior, LockType, OnConflict},
 };
-use tokio::sync::{Semaphore, mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
     App,
+    batch::{GroupCommit, Queue},
     error::{Error, Result},
     lifecycle::{Lifecycle, decode},
     store::entity::{attempt, job, lock, runner},
@@ -72,92 +75,25 @@ const WINDOW_SLACK: u64 = 16;
 /// ones that no waiting runner can take (label matching in SQL is on the roadmap).
 const MAX_CANDIDATES: u64 = 1024;
 
-/// A runner's wish for up to `max` jobs, waiting for the claimer.
-pub struct ClaimRequest {
-    runner_id: Uuid,
-    max: usize,
-    reply: oneshot::Sender<Result<Vec<pb::Assignment>>>,
-}
+/// Handle to the claimer: the one task that claims jobs for runners. Claims,
+/// `(runner, at most)`, are group-committed (see [`crate::batch`]): every claim waiting when
+/// the claimer is free (one per session woken by new work, typically) is answered by one
+/// transaction that reads one window of candidates for all of them.
+pub type Claimer = GroupCommit<(Uuid, usize), Vec<pb::Assignment>>;
 
-/// Handle to the claimer: the one task that claims jobs for runners. Claims are
-/// group-committed like submits and reports: every claim waiting when the claimer is free
-/// (one per session woken by new work, typically) is answered by one transaction that reads
-/// one window of candidates for all of them, instead of one transaction each.
-#[derive(Clone)]
-pub struct Claimer {
-    tx: mpsc::Sender<ClaimRequest>,
-}
-
-impl Claimer {
-    /// A channel pair: the handle and the receiver the task consumes.
-    pub fn channel() -> (Claimer, mpsc::Receiver<ClaimRequest>) {
-        let (tx, rx) = mpsc::channel(4096);
-        (Claimer { tx }, rx)
-    }
-
-    /// Starts the claimer task for `app`.
-    pub fn start(app: App, rx: mpsc::Receiver<ClaimRequest>) {
-        tokio::spawn(run_claimer(app, rx));
-    }
-
-    /// Claims up to `max` jobs for `runner_id` now. Returns the assignments (possibly none).
-    pub async fn claim(&self, runner_id: Uuid, max: usize) -> Result<Vec<pb::Assignment>> {
-        if max == 0 {
-            return Ok(Vec::new());
-        }
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(ClaimRequest {
-                runner_id,
-                max,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?
-    }
-}
-
-async fn run_claimer(app: App, mut rx: mpsc::Receiver<ClaimRequest>) {
-    // SQLite has one writer: one claim transaction at a time. On PostgreSQL a few overlap
-    // (each a network round trip at every statement); SKIP LOCKED keeps them apart.
-    let in_flight = Arc::new(Semaphore::new(if app.store.is_postgres() {
+/// Starts the claimer for `app` on `queue`. SQLite has one writer: one claim transaction at
+/// a time. On PostgreSQL a few overlap (every statement is a network round trip); SKIP
+/// LOCKED keeps them apart.
+pub fn start_claimer(app: App, queue: Queue<(Uuid, usize), Vec<pb::Assignment>>) {
+    let parallel = if app.store.is_postgres() {
         PARALLEL_CLAIMS_POSTGRES
     } else {
         1
-    }));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        // Claims that arrived while the previous transactions ran join this one.
-        let mut batch = vec![first];
-        while batch.len() < MAX_CLAIMS_AT_ONCE {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
+    };
+    GroupCommit::spawn(queue, "claim", MAX_CLAIMS_AT_ONCE, parallel, move |wants| {
         let app = app.clone();
-        tokio::spawn(async move {
-            let wants: Vec<(Uuid, usize)> = batch.iter().map(|r| (r.runner_id, r.max)).collect();
-            match claim_for(&app, &wants).await {
-                Ok(answers) => {
-                    for (r, a) in batch.into_iter().zip(answers) {
-                        let _ = r.reply.send(a);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, claims = batch.len(), "claim transaction failed");
-                    for r in batch {
-                        let _ = r.reply.send(Err(e.duplicate()));
-                    }
-                }
-            }
-            drop(permit);
-        });
-    }
+        async move { claim_for(&app, &wants).await }
+    });
 }
 
 /// One claim of the batch: the runner, what it may still take, what it got.
@@ -228,23 +164,14 @@ async fn claim_for(app: &App, wants: &[(Uuid, usize)]) -> Result<Vec<Result<Vec<
             })
             .collect()
     };
-    let room: usize = claims.iter().flatten().map(|w| w.room).sum();
-    let mut queues: Vec<String> = claims
-        .iter()
-        .flatten()
-        .filter(|w| w.room > 0)
-        .flat_map(|w| w.runner.queues.iter().cloned())
-        .collect();
-    queues.sort();
-    queues.dedup();
-    let mut executors: Vec<i32> = claims
-        .iter()
-        .flatten()
-        .filter(|w| w.room > 0)
+    let open = || claims.iter().flatten().filter(|w| w.room > 0);
+    let room: usize = open().map(|w| w.room).sum();
+    let queues: BTreeSet<&String> = open().flat_map(|w| &w.runner.queues).collect();
+    let queues: Vec<String> = queues.into_iter().cloned().collect();
+    let executors: BTreeSet<i32> = open()
         .flat_map(|w| w.runner.executors.iter().copied())
         .collect();
-    executors.sort();
-    executors.dedup();
+    let executors: Vec<i32> = executors.into_iter().collect();
     if room == 0 {
         return Ok(answer(claims));
     }
@@ -393,10 +320,12 @@ pub async fn claim_wait(
             .count(app.store.db())
             .await?;
         let room = u64::from(profile.capacity).saturating_sub(active);
-        let got = app
-            .claimer
-            .claim(runner_id, max.min(usize::try_from(room).unwrap_or(0)))
-            .await?;
+        let max = max.min(usize::try_from(room).unwrap_or(0));
+        let got = if max == 0 {
+            Vec::new()
+        } else {
+            app.claimer.call((runner_id, max)).await?
+        };
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(got);
         }

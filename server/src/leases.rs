@@ -12,11 +12,11 @@ use gantry_proto as pb;
 use sea_orm::{
     ColumnTrait, Condition, EntityTrait, PaginatorTrait, QueryFilter, QuerySelect, sea_query::Expr,
 };
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
     App,
+    batch::{GroupCommit, Queue},
     error::{Error, Result},
     events::Signals,
     jobs::state::AttemptEnd,
@@ -58,77 +58,33 @@ pub fn parse_held(field: &str, held: &[pb::LeaseRef]) -> Result<Vec<(Uuid, Uuid)
 /// Heartbeats answered by one transaction at most.
 const MAX_BEATS_AT_ONCE: usize = 512;
 
-/// A heartbeat waiting for the heartbeat writer.
-pub struct Beat {
-    runner_id: Uuid,
-    reply: oneshot::Sender<Result<(i64, runner::Model)>>,
-}
+/// Handle to the heartbeat writer. Heartbeats are group-committed (see [`crate::batch`]):
+/// 10,000 runners beating every 10 s would otherwise be 1,000 write transactions a second,
+/// a third of what SQLite commits on a small machine. Every heartbeat waiting when the
+/// writer is free is written by one transaction (three updates per 500 runners). Answers
+/// the new lease expiry and the runner's row as it is after the beat.
+pub type Heartbeats = GroupCommit<Uuid, (i64, runner::Model)>;
 
-/// Handle to the heartbeat writer. Heartbeats are group-committed like submits, claims and
-/// reports: 10,000 runners beating every 10 s would otherwise be 1,000 write transactions
-/// a second, a third of what SQLite commits on a small machine. Every heartbeat waiting
-/// when the writer is free is written by one transaction (three updates per 500 runners).
-#[derive(Clone)]
-pub struct Heartbeats {
-    tx: mpsc::Sender<Beat>,
-}
-
-impl Heartbeats {
-    /// A channel pair: the handle and the receiver the task consumes.
-    pub fn channel() -> (Heartbeats, mpsc::Receiver<Beat>) {
-        let (tx, rx) = mpsc::channel(4096);
-        (Heartbeats { tx }, rx)
-    }
-
-    /// Starts the heartbeat writer for `app`.
-    pub fn start(app: App, rx: mpsc::Receiver<Beat>) {
-        tokio::spawn(run_heartbeats(app, rx));
-    }
-
-    /// Extends every lease `runner_id` holds and marks it alive. Returns the new lease
-    /// expiry and the runner's row as it is after the beat.
-    async fn beat(&self, runner_id: Uuid) -> Result<(i64, runner::Model)> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Beat { runner_id, reply })
-            .await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?
-    }
-}
-
-async fn run_heartbeats(app: App, mut rx: mpsc::Receiver<Beat>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BEATS_AT_ONCE {
-            match rx.try_recv() {
-                Ok(b) => batch.push(b),
-                Err(_) => break,
-            }
-        }
-        let mut ids: Vec<Uuid> = batch.iter().map(|b| b.runner_id).collect();
-        ids.sort();
-        ids.dedup();
-        match write_beats(&app, &ids).await {
-            Ok((until, rows)) => {
-                for b in batch {
-                    let answer = rows
-                        .get(&b.runner_id)
+/// Starts the heartbeat writer for `app` on `queue`.
+pub fn start_heartbeats(app: App, queue: Queue<Uuid, (i64, runner::Model)>) {
+    GroupCommit::spawn(queue, "heartbeats", MAX_BEATS_AT_ONCE, 1, move |beats| {
+        let app = app.clone();
+        async move {
+            let mut ids = beats.clone();
+            ids.sort();
+            ids.dedup();
+            let (until, rows) = write_beats(&app, &ids).await?;
+            Ok(beats
+                .iter()
+                .map(|id| {
+                    rows.get(id)
                         .cloned()
                         .map(|row| (until, row))
-                        .ok_or_else(|| Error::NotFound(format!("runner {}", b.runner_id)));
-                    let _ = b.reply.send(answer);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, beats = batch.len(), "heartbeat transaction failed");
-                for b in batch {
-                    let _ = b.reply.send(Err(e.duplicate()));
-                }
-            }
+                        .ok_or_else(|| Error::NotFound(format!("runner {id}")))
+                })
+                .collect())
         }
-    }
+    });
 }
 
 /// One transaction for the heartbeats of `ids` (sorted: a fixed lock order on PostgreSQL).
@@ -191,7 +147,7 @@ pub async fn heartbeat(
     commands: Commands,
 ) -> Result<pb::HeartbeatResponse> {
     let parsed = parse_held("held", held)?;
-    let (until, row) = app.heartbeats.beat(runner_id).await?;
+    let (until, row) = app.heartbeats.call(runner_id).await?;
     let revoked = revoked(app, runner_id, &parsed).await?;
     let commands = match commands {
         Commands::Pending => {

@@ -6,6 +6,7 @@
 //! reflection on a listener. [`RunningServer::shutdown`] stops it gracefully: followers and
 //! sessions end, in-flight calls finish, the pool closes.
 pub mod auth;
+pub mod batch;
 pub mod config;
 pub mod dispatch;
 pub mod error;
@@ -139,10 +140,10 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         .await
         .with_context(|| format!("opening database {}", redact(&config.database_url)))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let (ingester, ingest_rx) = reports::Ingester::channel();
-    let (submitter, submit_rx) = jobs::submit::Submitter::channel();
-    let (claimer, claim_rx) = dispatch::Claimer::channel();
-    let (heartbeats, beat_rx) = leases::Heartbeats::channel();
+    let (ingester, ingest_rx) = reports::Ingester::channel(1024);
+    let (submitter, submit_rx) = jobs::submit::Submitter::channel(4096);
+    let (claimer, claim_rx) = dispatch::Claimer::channel(4096);
+    let (heartbeats, beat_rx) = leases::Heartbeats::channel(4096);
     let app = App {
         store: store.clone(),
         hub: Arc::new(events::Hub::default()),
@@ -154,10 +155,10 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         heartbeats,
         shutdown: shutdown_rx.clone(),
     };
-    reports::Ingester::start(app.clone(), ingest_rx);
-    jobs::submit::Submitter::start(app.clone(), submit_rx);
-    dispatch::Claimer::start(app.clone(), claim_rx);
-    leases::Heartbeats::start(app.clone(), beat_rx);
+    reports::start(app.clone(), ingest_rx);
+    jobs::submit::start(app.clone(), submit_rx);
+    dispatch::start_claimer(app.clone(), claim_rx);
+    leases::start_heartbeats(app.clone(), beat_rx);
     let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
     if store.is_postgres() {
         tasks.push(tokio::spawn(replicas::run(app.clone())));

@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 
 use gantry_proto as pb;
-use tokio::sync::{mpsc, oneshot};
 use tonic::Code;
 use uuid::Uuid;
 
 use crate::{
     App,
+    batch::{GroupCommit, Queue},
     error::{Error, Result},
     jobs::state::AttemptEnd,
     lifecycle::Lifecycle,
@@ -61,88 +61,37 @@ pub struct Outcome {
     pub rejected: Vec<Rejection>,
 }
 
-/// Reports from one caller, waiting for the ingester.
-pub struct Batch {
-    runner_id: Uuid,
-    reports: Vec<pb::Report>,
-    reply: oneshot::Sender<Result<Outcome>>,
+/// Handle to the ingester: report batches, each `(runner, reports)`, are group-committed
+/// (see [`crate::batch`]); a caller's answer comes once its reports are committed.
+pub type Ingester = GroupCommit<(Uuid, Vec<pb::Report>), Outcome>;
+
+/// Starts the ingester for `app` on `queue` (one commit at a time: reports apply in order).
+pub fn start(app: App, queue: Queue<(Uuid, Vec<pb::Report>), Outcome>) {
+    GroupCommit::spawn(
+        queue,
+        "report ingest",
+        MAX_BATCHES_PER_COMMIT,
+        1,
+        move |batches| {
+            let app = app.clone();
+            async move { Ok(apply(&app, &batches).await?.into_iter().map(Ok).collect()) }
+        },
+    );
 }
 
-/// Handle to the ingester task.
-#[derive(Clone)]
-pub struct Ingester {
-    tx: mpsc::Sender<Batch>,
-}
-
-impl Ingester {
-    /// Starts the ingester task for `app`. It ends when every handle is dropped.
-    pub fn start(app: App, rx: mpsc::Receiver<Batch>) {
-        tokio::spawn(run(app, rx));
-    }
-
-    /// A channel pair: the handle and the receiver the task consumes.
-    pub fn channel() -> (Ingester, mpsc::Receiver<Batch>) {
-        let (tx, rx) = mpsc::channel(1024);
-        (Ingester { tx }, rx)
-    }
-
-    /// Applies `reports` from `runner_id`; returns once they are committed.
-    pub async fn submit(&self, runner_id: Uuid, reports: Vec<pb::Report>) -> Result<Outcome> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Batch {
-                runner_id,
-                reports,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?
-    }
-}
-
-async fn run(app: App, mut rx: mpsc::Receiver<Batch>) {
-    while let Some(first) = rx.recv().await {
-        let mut batches = vec![first];
-        while batches.len() < MAX_BATCHES_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(b) => batches.push(b),
-                Err(_) => break,
-            }
-        }
-        match apply(&app, &batches).await {
-            Ok(outcomes) => {
-                for (batch, outcome) in batches.into_iter().zip(outcomes) {
-                    let _ = batch.reply.send(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, batches = batches.len(), "report batch not stored");
-                let msg = e.to_string();
-                for batch in batches {
-                    let _ = batch.reply.send(Err(Error::Unavailable(format!(
-                        "reports not stored: {msg}"
-                    ))));
-                }
-            }
-        }
-    }
-}
-
-async fn apply(app: &App, batches: &[Batch]) -> Result<Vec<Outcome>> {
+async fn apply(app: &App, batches: &[(Uuid, Vec<pb::Report>)]) -> Result<Vec<Outcome>> {
     let wtx = app.store.write().await?;
     let mut lc = Lifecycle::new(&wtx.txn, app.rules());
     let leases = batches
         .iter()
-        .flat_map(|b| b.reports.iter())
+        .flat_map(|(_, reports)| reports.iter())
         .filter_map(|r| Uuid::try_parse(&r.lease_id).ok());
     lc.load_attempts(leases).await?;
     let mut outcomes = Vec::with_capacity(batches.len());
-    for batch in batches {
+    for (runner_id, reports) in batches {
         let mut acks: BTreeMap<(String, String), u64> = BTreeMap::new();
         let mut rejected: Vec<Rejection> = Vec::new();
-        for report in &batch.reports {
+        for report in reports {
             // After a refused report, later ones of the same attempt in this batch are not
             // applied either: an acknowledgement never jumps over a report the runner was
             // told was refused within the same batch.
@@ -161,7 +110,7 @@ async fn apply(app: &App, batches: &[Batch]) -> Result<Vec<Outcome>> {
                 });
                 continue;
             }
-            match apply_one(&mut lc, batch.runner_id, report).await {
+            match apply_one(&mut lc, *runner_id, report).await {
                 Ok(acked) => {
                     acks.insert((report.job_id.clone(), report.lease_id.clone()), acked);
                 }

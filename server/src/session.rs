@@ -160,7 +160,7 @@ async fn serve(
         if check_work && credits > 0 {
             check_work = false;
             work_rx.borrow_and_update();
-            let got = app.claimer.claim(runner_id, credits as usize).await?;
+            let got = app.claimer.call((runner_id, credits as usize)).await?;
             let mut pending = got.into_iter();
             while let Some(assignment) = pending.next() {
                 credits -= 1;
@@ -268,7 +268,7 @@ async fn ingest(
     reports: Vec<pb::Report>,
     out: &Outbound,
 ) -> Result<bool, Error> {
-    let outcome = match app.ingester.submit(runner_id, reports).await {
+    let outcome = match app.ingester.call((runner_id, reports)).await {
         Ok(outcome) => outcome,
         Err(e) => {
             // Not stored, not acknowledged. The session ends so that the runner reconnects

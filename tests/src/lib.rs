@@ -6,7 +6,7 @@
 //! loudly; with `GANTRY_TEST_REQUIRE_ALL=1` (set by `scripts/test.sh`) it fails instead.
 pub mod procs;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use gantry_proto as pb;
 use gantry_server::{Config, RunningServer};
@@ -625,4 +625,45 @@ pub fn stderr(offset: u64, data: &[u8]) -> pb::report::Body {
         offset,
         data: data.to_vec(),
     })
+}
+
+/// A self-signed certificate for one host, as `tls.crt` and `tls.key` in a temp dir that
+/// lives as long as this value.
+pub struct TlsFiles {
+    /// The certificate (PEM); also the CA a client trusts.
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The certificate's PEM text.
+    pub cert_pem: String,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    /// A certificate naming `host`.
+    pub fn self_signed(host: &str) -> TlsFiles {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let made = rcgen::generate_simple_self_signed(vec![host.to_string()]).expect("certificate");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let cert_pem = made.cert.pem();
+        std::fs::write(&cert, &cert_pem).expect("write cert");
+        std::fs::write(&key, made.signing_key.serialize_pem()).expect("write key");
+        TlsFiles {
+            cert,
+            key,
+            cert_pem,
+            _dir: dir,
+        }
+    }
+
+    /// Makes a server configuration serve TLS with this certificate.
+    pub fn serve(&self, config: &mut Config) {
+        config.tls_cert = Some(self.cert.clone());
+        config.tls_key = Some(self.key.clone());
+    }
+
+    /// The certificate's path as a command-line argument.
+    pub fn cert_arg(&self) -> &str {
+        self.cert.to_str().expect("utf-8 temp path")
+    }
 }

@@ -7,7 +7,7 @@ use std::{
 
 use gantry_proto as pb;
 use gantry_tests::{
-    Db, TestServer, get,
+    Db, TestServer, TlsFiles, get,
     procs::{RunnerProcess, binary, eventually, gantry, wait_for_output},
     sh, submit, wait_for_status,
 };
@@ -609,20 +609,10 @@ async fn a_watch_cut_off_by_a_server_crash_says_so_and_exits_3() {
 /// mismatch is refused, not ignored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_cli_checks_the_certificate_against_its_ca_and_domain() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["gantry-server".to_string()]).expect("certificate");
-    let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&crt, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("write key");
-    let (c, k) = (crt.clone(), key.clone());
-    let server = TestServer::start_with(Db::Sqlite, move |cfg| {
-        cfg.tls_cert = Some(c);
-        cfg.tls_key = Some(k);
-    })
-    .await;
+    let tls = TlsFiles::self_signed("gantry-server");
+    let server = TestServer::start_with(Db::Sqlite, |c| tls.serve(c)).await;
     let url = format!("https://127.0.0.1:{}", server.addr.port());
-    let ca = crt.to_str().expect("utf-8 path");
+    let ca = tls.cert_arg();
     let token = server.api_token.clone();
 
     let ok = gantry(

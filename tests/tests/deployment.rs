@@ -99,22 +99,14 @@ async fn concurrent_claims_on_two_replicas_never_double_assign() {
 /// With a certificate and key the server speaks TLS only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_clients_that_trust_the_certificate() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    let (cert_pem, key_pem) = (key.cert.pem(), key.signing_key.serialize_pem());
-    std::fs::write(dir.path().join("tls.crt"), &cert_pem).expect("write cert");
-    std::fs::write(dir.path().join("tls.key"), &key_pem).expect("write key");
-    let server = TestServer::start_with(Db::Sqlite, |c| {
-        c.tls_cert = Some(dir.path().join("tls.crt"));
-        c.tls_key = Some(dir.path().join("tls.key"));
-    })
-    .await;
+    let tls_files = TlsFiles::self_signed("localhost");
+    let cert_pem = &tls_files.cert_pem;
+    let server = TestServer::start_with(Db::Sqlite, |c| tls_files.serve(c)).await;
     let tls = Channel::from_shared(format!("https://{}", server.addr))
         .expect("url")
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&cert_pem))
+                .ca_certificate(Certificate::from_pem(cert_pem))
                 .domain_name("localhost"),
         )
         .expect("tls config")
@@ -150,14 +142,9 @@ async fn tls_serves_clients_that_trust_the_certificate() {
 /// is SERVING as the overall one is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plaintext_health_listener_serves_only_health_beside_tls() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let key =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    std::fs::write(dir.path().join("tls.crt"), key.cert.pem()).expect("write cert");
-    std::fs::write(dir.path().join("tls.key"), key.signing_key.serialize_pem()).expect("write key");
+    let tls_files = TlsFiles::self_signed("localhost");
     let server = TestServer::start_with(Db::Sqlite, |c| {
-        c.tls_cert = Some(dir.path().join("tls.crt"));
-        c.tls_key = Some(dir.path().join("tls.key"));
+        tls_files.serve(c);
         c.health_listen = Some("127.0.0.1:0".parse().expect("addr"));
     })
     .await;

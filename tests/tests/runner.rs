@@ -880,36 +880,21 @@ async fn a_container_past_its_memory_limit_is_reported_oom_killed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runner_reaches_a_tls_server_through_its_ca() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let cert =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).expect("certificate");
-    let (crt, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&crt, cert.cert.pem()).expect("write cert");
-    std::fs::write(&key, cert.signing_key.serialize_pem()).expect("write key");
-    let (c, k) = (crt.clone(), key.clone());
-    let server = TestServer::start_with(Db::Sqlite, move |cfg| {
-        cfg.tls_cert = Some(c);
-        cfg.tls_key = Some(k);
-    })
-    .await;
+    let tls_files = gantry_tests::TlsFiles::self_signed("localhost");
+    let server = TestServer::start_with(Db::Sqlite, |c| tls_files.serve(c)).await;
     let url = format!("https://localhost:{}", server.addr.port());
     let runner = RunnerProcess::start_for(
         &url,
         &server.registration_token,
         "tls",
-        &[
-            "--executors",
-            "process",
-            "--tls-ca",
-            crt.to_str().expect("utf-8 path"),
-        ],
+        &["--executors", "process", "--tls-ca", tls_files.cert_arg()],
     );
     let runner_id = runner.id().await;
     let tls = tonic::transport::Channel::from_shared(url)
         .expect("url")
         .tls_config(
             tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(cert.cert.pem())),
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls_files.cert_pem)),
         )
         .expect("tls config")
         .connect()
@@ -930,7 +915,7 @@ async fn a_runner_reaches_a_tls_server_through_its_ca() {
             &format!("https://localhost:{}", server.addr.port()),
         ])
         .args(["--token", &server.api_token, "--tls-ca"])
-        .arg(&crt)
+        .arg(&tls_files.cert)
         .args(["get", &id])
         .output()
         .await

@@ -73,7 +73,7 @@ fn attempt_to_proto(a: &attempt::Model) -> pb::Attempt {
 /// Validates and stores a job; an already used idempotency key returns the first job.
 pub async fn submit(app: &App, spec: Option<pb::JobSpec>) -> Result<pb::SubmitJobResponse> {
     let spec = spec::validate(spec, app.config.default_timeout_seconds)?;
-    app.submitter.submit(spec, None).await
+    app.submitter.call((spec, None)).await
 }
 
 /// One job with its attempts.
@@ -183,7 +183,7 @@ pub async fn retry(app: &App, id: Uuid) -> Result<pb::Job> {
     let mut spec: pb::JobSpec = decode(&original.spec)?;
     spec.idempotency_key.clear();
     let spec = spec::validate(Some(spec), app.config.default_timeout_seconds)?;
-    let response = app.submitter.submit(spec, Some(id)).await?;
+    let response = app.submitter.call((spec, Some(id))).await?;
     response
         .job
         .ok_or_else(|| Error::Internal("submit returned no job".into()))

@@ -10,11 +10,11 @@ use std::collections::HashMap;
 use gantry_proto as pb;
 use prost::Message;
 use sea_orm::{ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter};
-use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::{
     App,
+    batch::{GroupCommit, Queue},
     error::{Error, Result},
     lifecycle::Lifecycle,
     store::entity::{job, job_label},
@@ -23,79 +23,28 @@ use crate::{
 /// Submissions taken into one transaction at most.
 const MAX_PER_COMMIT: usize = 512;
 
-/// A validated submission waiting for the submitter.
-pub struct Submission {
-    spec: pb::JobSpec,
-    retried_from: Option<Uuid>,
-    reply: oneshot::Sender<Result<pb::SubmitJobResponse>>,
-}
+/// Handle to the submitter: validated `(spec, retried_from)` submissions are
+/// group-committed (see [`crate::batch`]).
+pub type Submitter = GroupCommit<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>;
 
-/// Handle to the submitter task.
-#[derive(Clone)]
-pub struct Submitter {
-    tx: mpsc::Sender<Submission>,
-}
-
-impl Submitter {
-    /// A channel pair: the handle and the receiver the task consumes.
-    pub fn channel() -> (Submitter, mpsc::Receiver<Submission>) {
-        let (tx, rx) = mpsc::channel(4096);
-        (Submitter { tx }, rx)
-    }
-
-    /// Starts the submitter task for `app`.
-    pub fn start(app: App, rx: mpsc::Receiver<Submission>) {
-        tokio::spawn(run(app, rx));
-    }
-
-    /// Stores a validated spec as a new job (or finds the one with its idempotency key).
-    pub async fn submit(
-        &self,
-        spec: pb::JobSpec,
-        retried_from: Option<Uuid>,
-    ) -> Result<pb::SubmitJobResponse> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Submission {
-                spec,
-                retried_from,
-                reply,
-            })
-            .await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?;
-        rx.await
-            .map_err(|_| Error::Unavailable("server is shutting down".into()))?
-    }
-}
-
-async fn run(app: App, mut rx: mpsc::Receiver<Submission>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_PER_COMMIT {
-            match rx.try_recv() {
-                Ok(s) => batch.push(s),
-                Err(_) => break,
-            }
-        }
-        let specs: Vec<(pb::JobSpec, Option<Uuid>)> = batch
-            .iter()
-            .map(|s| (s.spec.clone(), s.retried_from))
-            .collect();
-        match commit(&app, &specs).await {
-            Ok(responses) => {
-                for (s, r) in batch.into_iter().zip(responses) {
-                    let _ = s.reply.send(Ok(r));
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, size = batch.len(), "submission batch failed; one at a time");
-                for s in batch {
-                    let r = alone(&app, s.spec, s.retried_from).await;
-                    let _ = s.reply.send(r);
+/// Starts the submitter for `app` on `queue`.
+pub fn start(app: App, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>) {
+    GroupCommit::spawn(queue, "submit", MAX_PER_COMMIT, 1, move |batch| {
+        let app = app.clone();
+        async move {
+            match commit(&app, &batch).await {
+                Ok(responses) => Ok(responses.into_iter().map(Ok).collect()),
+                Err(e) => {
+                    tracing::debug!(error = %e, size = batch.len(), "submission batch failed; one at a time");
+                    let mut answers = Vec::with_capacity(batch.len());
+                    for (spec, retried_from) in batch {
+                        answers.push(alone(&app, spec, retried_from).await);
+                    }
+                    Ok(answers)
                 }
             }
         }
-    }
+    });
 }
 
 /// One submission on its own. When its idempotency key was stored meanwhile (by another

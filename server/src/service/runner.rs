@@ -110,7 +110,7 @@ impl pb::runner_service_server::RunnerService for RunnerApi {
                 let outcome = self
                     .0
                     .ingester
-                    .submit(runner, std::mem::take(&mut pending))
+                    .call((runner, std::mem::take(&mut pending)))
                     .await?;
                 for ack in outcome.acks {
                     acks.insert((ack.job_id.clone(), ack.lease_id.clone()), ack);
