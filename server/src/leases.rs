@@ -61,25 +61,34 @@ const MAX_BEATS_AT_ONCE: usize = 512;
 /// Handle to the heartbeat writer. Heartbeats are group-committed (see [`crate::batch`]):
 /// 10,000 runners beating every 10 s would otherwise be 1,000 write transactions a second,
 /// a third of what SQLite commits on a small machine. Every heartbeat waiting when the
-/// writer is free is written by one transaction (three updates per 500 runners). Answers
-/// the new lease expiry and the runner's row as it is after the beat.
-pub type Heartbeats = GroupCommit<Uuid, (i64, runner::Model)>;
+/// writer is free is written by one transaction (three updates per 500 runners).
+pub type Heartbeats = GroupCommit<Uuid, Beaten>;
+
+/// A runner after its heartbeat was written.
+#[derive(Clone, Copy, Debug)]
+pub struct Beaten {
+    /// The new lease expiry (unix ms).
+    until: i64,
+    /// `RunnerState` number.
+    state: i32,
+    /// The last command sequence the runner acknowledged.
+    acked_command_seq: i64,
+}
 
 /// Starts the heartbeat writer for `app` on `queue`.
-pub fn start_heartbeats(app: App, queue: Queue<Uuid, (i64, runner::Model)>) {
+pub fn start_heartbeats(app: App, queue: Queue<Uuid, Beaten>) {
     GroupCommit::spawn(queue, "heartbeats", MAX_BEATS_AT_ONCE, 1, move |beats| {
         let app = app.clone();
         async move {
             let mut ids = beats.clone();
             ids.sort();
             ids.dedup();
-            let (until, rows) = write_beats(&app, &ids).await?;
+            let rows = write_beats(&app, &ids).await?;
             Ok(beats
                 .iter()
                 .map(|id| {
                     rows.get(id)
-                        .cloned()
-                        .map(|row| (until, row))
+                        .copied()
                         .ok_or_else(|| Error::NotFound(format!("runner {id}")))
                 })
                 .collect())
@@ -88,8 +97,8 @@ pub fn start_heartbeats(app: App, queue: Queue<Uuid, (i64, runner::Model)>) {
 }
 
 /// One transaction for the heartbeats of `ids` (sorted: a fixed lock order on PostgreSQL).
-/// Returns the new lease expiry and the runners' rows after it.
-async fn write_beats(app: &App, ids: &[Uuid]) -> Result<(i64, HashMap<Uuid, runner::Model>)> {
+/// Returns what each runner's heartbeat answers with.
+async fn write_beats(app: &App, ids: &[Uuid]) -> Result<HashMap<Uuid, Beaten>> {
     let now = now_ms();
     let until = now + app.rules().lease_ms;
     let wtx = app.store.write().await?;
@@ -117,17 +126,33 @@ async fn write_beats(app: &App, ids: &[Uuid]) -> Result<(i64, HashMap<Uuid, runn
             .await?;
     }
     wtx.commit().await?;
+    // Only what a heartbeat answers with: whole rows (with their registration blobs) for
+    // thousands of runners at once cost the server resident memory it kept.
     let mut rows = HashMap::with_capacity(ids.len());
     for chunk in ids.chunks(500) {
-        for row in runner::Entity::find()
+        for (id, state, acked_command_seq) in runner::Entity::find()
+            .select_only()
+            .columns([
+                runner::Column::Id,
+                runner::Column::State,
+                runner::Column::AckedCommandSeq,
+            ])
             .filter(runner::Column::Id.is_in(chunk.to_vec()))
+            .into_tuple::<(Uuid, i32, i64)>()
             .all(app.store.db())
             .await?
         {
-            rows.insert(row.id, row);
+            rows.insert(
+                id,
+                Beaten {
+                    until,
+                    state,
+                    acked_command_seq,
+                },
+            );
         }
     }
-    Ok((until, rows))
+    Ok(rows)
 }
 
 /// Which commands a heartbeat answer carries.
@@ -147,19 +172,19 @@ pub async fn heartbeat(
     commands: Commands,
 ) -> Result<pb::HeartbeatResponse> {
     let parsed = parse_held("held", held)?;
-    let (until, row) = app.heartbeats.call(runner_id).await?;
+    let beaten = app.heartbeats.call(runner_id).await?;
     let revoked = revoked(app, runner_id, &parsed).await?;
     let commands = match commands {
         Commands::Pending => {
-            crate::runners::pending_commands(app, runner_id, row.acked_command_seq).await?
+            crate::runners::pending_commands(app, runner_id, beaten.acked_command_seq).await?
         }
         Commands::Pushed => Vec::new(),
     };
     Ok(pb::HeartbeatResponse {
-        lease_expires_at_unix_ms: until,
+        lease_expires_at_unix_ms: beaten.until,
         commands,
         revoked,
-        state: row.state,
+        state: beaten.state,
     })
 }
 
