@@ -175,6 +175,13 @@ pub fn event_line(e: &pb::JobEvent) -> Option<String> {
                 .trim_end()
                 .to_string()
         }
+        pb::job_event::Kind::Limit(l) => {
+            format!(
+                "limit {} reached: {}",
+                render::limit_name(l.limit),
+                l.message
+            )
+        }
     })
 }
 

@@ -66,6 +66,14 @@ pub fn phase_name(s: i32) -> String {
     )
 }
 
+/// A storage limit as users write it (`log_bytes`).
+pub fn limit_name(s: i32) -> String {
+    pb::StorageLimit::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |k| enum_name(k.as_str_name(), "STORAGE_LIMIT_"),
+    )
+}
+
 fn runner_state_name(s: i32) -> String {
     pb::RunnerState::try_from(s).map_or_else(
         |_| s.to_string(),
@@ -148,6 +156,8 @@ pub fn event_json(e: &pb::JobEvent) -> Value {
             "percent": p.percent, "stage": p.stage, "message": p.message}),
         Some(pb::job_event::Kind::Phase(p)) => json!({"type": "phase",
             "phase": phase_name(p.phase), "message": p.message}),
+        Some(pb::job_event::Kind::Limit(l)) => json!({"type": "limit",
+            "limit": limit_name(l.limit), "value": l.value, "message": l.message}),
         None => json!({"type": "unknown"}),
     };
     if let (Some(v), Some(k)) = (v.as_object_mut(), kind.as_object()) {

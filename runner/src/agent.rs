@@ -1,51 +1,58 @@
-//! The runner itself: registration, the one `Session` stream, and the work it holds.
+//! The runner itself: the one `Session` stream, and the work it holds.
 //!
-//! One task owns everything (jobs, credits, the outbox's sending side) and reacts to: server
-//! messages, finished jobs, new reports, the heartbeat tick, signals, and the drain, idle and
-//! reconnect timers. Sending never blocks that task: messages wait in a small control queue
-//! (credits, acks, heartbeats, drain) or in the outbox (reports) until the stream has room,
-//! so the runner always keeps reading what the server pushes (cancels above all).
+//! One task owns everything (jobs, the phase, credits, the outbox's sending side) and reacts
+//! to: server messages, finished jobs, new reports, the heartbeat tick, signals, the phase's
+//! deadline and the reconnect timer. Sending never blocks that task: messages wait in a small
+//! control queue (credits, acks, heartbeats, drain) or in the outbox (reports) until the
+//! stream has room, so the runner always keeps reading what the server pushes (cancels above
+//! all).
 //!
 //! When the stream breaks, the work keeps running and reporting into the outbox; the runner
-//! reconnects with jittered exponential backoff, says in `hello` which leases it still holds,
-//! stops the work of any lease the server revoked meanwhile, and sends again everything the
-//! server has not acknowledged.
+//! reconnects with jittered exponential backoff, says in `hello` which leases it still holds
+//! (and whether it is leaving), stops the work of any lease the server revoked meanwhile,
+//! and sends again everything the server has not acknowledged.
+//!
+//! This module does the I/O and the protocol's reactions; the rules live elsewhere, each in
+//! one place: when the runner leaves and what leaving does, in [`crate::phase`] (this module
+//! feeds it events and carries out its actions); how to reach the server and what a
+//! session's end status means, in [`crate::connection`]; how large a batch of reports may
+//! be, in [`crate::batching`]. How the server's answers are taken:
+//! - a refused report ([`Rejection`]): malformed ones are dropped, ones not applied because
+//!   of an earlier refusal are sent again, anything else means the lease is lost;
+//! - a session ended with ABORTED: another process holds this runner's identity, so all
+//!   work is lost and [`Runner::run`] fails; with UNAUTHENTICATED (here, or on `Deregister`):
+//!   the credential is gone, so the runner registers anew (its old work is lost to it);
+//!   with RESOURCE_EXHAUSTED or INVALID_ARGUMENT: batches shrink, down to dropping the one
+//!   report at fault.
 use std::{
     collections::{HashMap, VecDeque},
     sync::Arc,
     time::Duration,
 };
 
-use anyhow::Context as _;
 use gantry_proto as pb;
 use pb::{session_request::Kind as Out, session_response::Kind as In};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
-use tonic::{
-    Code, Status, Streaming,
-    metadata::MetadataValue,
-    transport::{Certificate, Channel, ClientTlsConfig, Endpoint},
-};
+use tokio_stream::StreamExt as _;
+use tonic::{Code, Status, Streaming, transport::Channel};
 
+pub use crate::phase::Exit;
 use crate::{
+    batching::{Batching, Refusal},
     config::Config,
+    connection::{self, Backoff, CallError, SessionEnd, Timing},
     executor::{Executors, Stop, StopReason, docker::DockerExecutor, process::ProcessExecutor},
     identity::{self, Identity, Registration},
     job,
     outbox::Outbox,
+    phase::{self, Action, Event, Phase},
 };
 
-/// Messages queued toward the server on the stream.
-const STREAM_BUFFER: usize = 32;
-/// Report bytes sent in one batch.
-const BATCH_BYTES: usize = 1024 * 1024;
-/// Longest a connection attempt (and the wait for `welcome`) may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// First reconnect delay.
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest a registration made while leaving may take (the runner is on its way out).
+const REGISTER_ON_EXIT: Duration = Duration::from_secs(15);
 
 /// What the runner is asked to do from outside (signals, or an embedding program).
 #[derive(Clone, Debug)]
@@ -56,169 +63,116 @@ pub enum Signal {
     StopNow(String),
 }
 
-/// How the runner ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// Drained and deregistered.
-    Drained,
-    /// `--once`: the one job ended with this status (`None`: the lease was taken away; no
-    /// job at all came before a drain or the idle timeout gives `Drained`).
-    Once(Option<pb::JobStatus>),
-}
-
-impl Exit {
-    /// The process exit code (see `gantry-runner --help`).
-    pub fn code(self) -> u8 {
-        match self {
-            Exit::Drained | Exit::Once(Some(pb::JobStatus::Succeeded)) => 0,
-            Exit::Once(Some(pb::JobStatus::Canceled)) => 3,
-            Exit::Once(Some(pb::JobStatus::TimedOut)) => 4,
-            Exit::Once(None) => 5,
-            Exit::Once(Some(_)) => 1,
-        }
-    }
-}
-
-/// Jittered exponential backoff.
-struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Self {
-            next: BACKOFF_BASE,
-            max,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.next = BACKOFF_BASE;
-    }
-
-    /// The delay before the next attempt: between half and all of the current step.
-    fn delay(&mut self) -> Duration {
-        use rand::Rng as _;
-        let step = self.next.min(self.max);
-        self.next = (self.next * 2).min(self.max);
-        let ms = step.as_millis() as u64;
-        Duration::from_millis(rand::rng().random_range(ms / 2..=ms))
-    }
-}
-
 /// A job running here.
 struct Running {
+    /// For the logs.
     job_id: String,
+    /// Asks the job's task to stop (cancel, drain, lost lease).
     stop: watch::Sender<Option<Stop>>,
+    /// The stop grace its spec asks for.
     grace: Duration,
 }
 
-/// The runner is leaving (drain, `--once`, idle timeout).
-struct Leaving {
-    reason: String,
-    /// When running work is stopped; `None` lets it finish (`--once`).
-    stop_work_at: Option<Instant>,
-    /// When the runner stops waiting for acknowledgements, once its work is done.
-    give_up_at: Option<Instant>,
-    /// The server has taken the drain in once this many heartbeats (queued after the
-    /// `drain` on the current stream) are answered: every assignment it pushed before has
-    /// arrived by then.
-    sync_heartbeat: Option<u64>,
+/// How a refused report is taken, by the `ReportRejected` code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    /// INVALID_ARGUMENT: that one report is malformed. Drop it; the attempt goes on.
+    Malformed,
+    /// ABORTED: not applied only because an earlier report of the attempt in that batch was
+    /// refused. Send it again.
+    NotApplied,
+    /// FAILED_PRECONDITION, PERMISSION_DENIED, NOT_FOUND or anything else: the lease is
+    /// lost. Stop the work.
+    LeaseLost,
+}
+
+impl Rejection {
+    /// How to take a rejection with this gRPC code.
+    pub fn of(code: i32) -> Rejection {
+        match Code::from(code) {
+            Code::InvalidArgument => Rejection::Malformed,
+            Code::Aborted => Rejection::NotApplied,
+            _ => Rejection::LeaseLost,
+        }
+    }
 }
 
 /// What woke the runner's loop. (Short-lived, one at a time: the size of a server message
 /// inline costs nothing worth a box.)
 #[allow(clippy::large_enum_variant)]
-enum Event {
+enum Wake {
     Nothing,
     /// A server message, or the end of the stream (`None` / an error).
     Message(Option<Result<pb::SessionResponse, Status>>),
+    /// A job's task ended (its lease, its status).
     Done(String, Option<pb::JobStatus>),
     Heartbeat,
     Signal(Signal),
-    StopWork,
-    Idle,
-    GiveUp,
+    /// The phase's deadline.
+    Clock,
+}
+
+/// How `run` ends.
+enum End {
+    /// Leave: deregister, then return the exit.
+    Exit {
+        /// The runner's outcome.
+        exit: Exit,
+        /// Why it leaves (sent to `Deregister`).
+        reason: String,
+    },
+    /// Fail with this message, without deregistering.
+    Fail(String),
 }
 
 /// One open session.
-struct Connection {
+struct Link {
+    /// What goes to the server.
     tx: mpsc::Sender<pb::SessionRequest>,
+    /// What comes from it.
     inbound: Streaming<pb::SessionResponse>,
+    /// When the server was last heard: every heartbeat is answered, so two intervals of
+    /// silence mean a dead connection (or a stuck server), well before the leases run out.
+    last_heard: Instant,
+    /// This session's heartbeat clock.
+    heartbeat: tokio::time::Interval,
 }
 
 /// A registered runner, ready to run.
 pub struct Runner {
+    /// The flags it runs with.
     config: Config,
+    /// The phase machine's settings, from `config`.
+    rules: phase::Rules,
+    /// Who the runner is to the server (replaced when it registers anew).
     identity: Identity,
+    /// One channel for every call; connected lazily, reconnected by tonic.
     channel: Channel,
+    /// Unacknowledged reports, and the account of the leases held.
     outbox: Arc<Outbox>,
+    /// What job tasks share (rebuilt when the runner id changes).
     ctx: Arc<job::Context>,
+    /// Running jobs by lease id.
     jobs: HashMap<String, Running>,
+    /// Job tasks say here that they ended (the slot comes back).
     done_tx: mpsc::UnboundedSender<(String, Option<pb::JobStatus>)>,
+    /// Where the loop hears it.
     done_rx: mpsc::UnboundedReceiver<(String, Option<pb::JobStatus>)>,
+    /// Messages waiting for room on the stream, ahead of reports.
     control: VecDeque<Out>,
-    leaving: Option<Leaving>,
-    once_status: Option<Option<pb::JobStatus>>,
-    idle_since: Instant,
-    heartbeat_every: Duration,
-    lease: Duration,
-    /// Heartbeats queued and answered on the current stream (answers come in order).
+    /// Where the runner is in its life (see [`crate::phase`]).
+    phase: Phase,
+    /// Set by an action that ends the run; the loop stops at the next turn.
+    end: Option<End>,
+    /// Heartbeat interval and lease length, from the welcome.
+    timing: Timing,
+    /// How many reports go in one batch.
+    batching: Batching,
+    /// Heartbeats queued and answered on the current stream (answers come in order): the
+    /// phase machine proves the drain taken in by them.
     heartbeats_queued: u64,
+    /// See `heartbeats_queued`.
     heartbeats_answered: u64,
-}
-
-fn endpoint(config: &Config) -> anyhow::Result<Endpoint> {
-    let mut endpoint = Endpoint::from_shared(config.server.clone())
-        .with_context(|| format!("--server `{}` is not a URL", config.server))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true);
-    if let Some(ca) = &config.tls_ca {
-        let pem =
-            std::fs::read(ca).with_context(|| format!("reading --tls-ca {}", ca.display()))?;
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
-        if let Some(domain) = &config.tls_domain {
-            tls = tls.domain_name(domain.clone());
-        }
-        endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
-    } else if config.server.starts_with("https://") {
-        anyhow::bail!("--server uses https:// but no --tls-ca was given");
-    }
-    Ok(endpoint)
-}
-
-fn bearer(token: &str) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
-    format!("Bearer {token}").parse().map_err(|_| {
-        anyhow::anyhow!("the token is not valid in gRPC metadata (printable ASCII only)")
-    })
-}
-
-/// Adds the runner's bearer token to every call.
-#[derive(Clone)]
-struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        Ok(req)
-    }
-}
-
-type Client = pb::runner_service_client::RunnerServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, Bearer>,
->;
-
-fn client(channel: &Channel, token: &str) -> anyhow::Result<Client> {
-    Ok(
-        pb::runner_service_client::RunnerServiceClient::with_interceptor(
-            channel.clone(),
-            Bearer(bearer(token)?),
-        ),
-    )
 }
 
 impl Runner {
@@ -226,7 +180,8 @@ impl Runner {
     /// its identity (registering when there is none or the flags changed), and the removal of
     /// containers an earlier run of it left behind.
     pub async fn new(config: Config) -> anyhow::Result<Runner> {
-        let channel = endpoint(&config)?.connect_lazy();
+        use anyhow::Context as _;
+        let channel = connection::endpoint(&config)?.connect_lazy();
         let mut executors: Executors = Vec::new();
         let mut docker = None;
         if config.offers(pb::ExecutorKind::Docker) {
@@ -259,7 +214,7 @@ impl Runner {
         };
         let mut identity = identity::load(&config.state_dir)?.unwrap_or_default();
         if identity.runner_id.is_empty() || identity.registration != registration {
-            register(&config, &channel, &mut identity, registration).await?;
+            connection::register(&config, &channel, &mut identity, registration).await?;
         }
         if let Some(docker) = &docker {
             let removed = docker
@@ -278,21 +233,30 @@ impl Runner {
             runner_id: identity.runner_id.clone(),
         });
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let rules = phase::Rules {
+            once: config.once,
+            drain_grace: config.drain_grace(),
+            report_wait: Duration::from_secs(config.report_wait_seconds),
+            idle_timeout: match config.idle_timeout_seconds {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+        };
         Ok(Runner {
             outbox: ctx.outbox.clone(),
             ctx,
             config,
+            rules,
             identity,
             channel,
             jobs: HashMap::new(),
             done_tx,
             done_rx,
             control: VecDeque::new(),
-            leaving: None,
-            once_status: None,
-            idle_since: Instant::now(),
-            heartbeat_every: Duration::from_secs(10),
-            lease: Duration::from_secs(30),
+            phase: Phase::start(Instant::now()),
+            end: None,
+            timing: Timing::default(),
+            batching: Batching::default(),
             heartbeats_queued: 0,
             heartbeats_answered: 0,
         })
@@ -303,8 +267,352 @@ impl Runner {
         &self.identity.runner_id
     }
 
+    /// Runs until the runner has drained (or its `--once` job is done), then deregisters.
+    /// Fails when another process took over this runner's identity.
+    pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) -> anyhow::Result<Exit> {
+        // The open session, if any.
+        let mut link: Option<Link> = None;
+        let mut backoff = Backoff::new(Duration::from_millis(self.config.reconnect_max_ms));
+        let mut retry_at = Instant::now();
+        // Reports may be waiting in the outbox (false once it had nothing to give).
+        let mut reports_pending = true;
+        let mut signals_open = true;
+        let outbox = self.outbox.clone();
+        let far = Instant::now() + crate::executor::NEVER;
+
+        let end = loop {
+            // Acknowledgements may have emptied the outbox: the phase says whether to leave.
+            self.step(Event::Clock, link.is_some());
+            if let Some(end) = self.end.take() {
+                break end;
+            }
+            if link.is_none() && self.phase.connects() && Instant::now() >= retry_at {
+                match self.connect().await {
+                    Ok(l) => {
+                        backoff.reset();
+                        reports_pending = true;
+                        link = Some(l);
+                        self.step(Event::SessionOpened, true);
+                    }
+                    Err(e) => {
+                        let delay = backoff.delay();
+                        tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot open a session");
+                        retry_at = Instant::now() + delay;
+                    }
+                }
+                continue;
+            }
+            let connected = link.is_some();
+            let want_send = !self.control.is_empty() || reports_pending;
+            let deadline =
+                phase::deadline(&self.phase, &self.rules, &self.facts(connected)).unwrap_or(far);
+            let reconnects = !connected && self.phase.connects();
+            let (tx, inbound, heartbeat) = match &mut link {
+                Some(Link {
+                    tx,
+                    inbound,
+                    heartbeat,
+                    ..
+                }) => (Some(&*tx), Some(inbound), Some(heartbeat)),
+                None => (None, None, None),
+            };
+            let wake = tokio::select! {
+                msg = next_message(inbound) => Wake::Message(msg),
+                permit = reserve(tx), if want_send => match permit {
+                    Some(permit) => {
+                        if let Some(kind) = self.control.pop_front() {
+                            permit.send(pb::SessionRequest { kind: Some(kind) });
+                        } else if let Some(reports) = self.next_batch() {
+                            permit.send(pb::SessionRequest {
+                                kind: Some(Out::Reports(pb::ReportBatch { reports })),
+                            });
+                        } else {
+                            reports_pending = false;
+                        }
+                        Wake::Nothing
+                    }
+                    None => Wake::Message(None),
+                },
+                _ = outbox.changed() => {
+                    reports_pending = true;
+                    Wake::Nothing
+                }
+                done = self.done_rx.recv() => match done {
+                    Some((lease, status)) => Wake::Done(lease, status),
+                    None => Wake::Nothing,
+                },
+                _ = tick(heartbeat) => Wake::Heartbeat,
+                _ = tokio::time::sleep_until(retry_at), if reconnects => Wake::Nothing,
+                signal = signals.recv(), if signals_open => match signal {
+                    Some(s) => Wake::Signal(s),
+                    None => {
+                        signals_open = false;
+                        Wake::Nothing
+                    }
+                },
+                _ = tokio::time::sleep_until(deadline) => Wake::Clock,
+            };
+            match wake {
+                Wake::Nothing | Wake::Clock => {}
+                Wake::Message(Some(Ok(m))) => {
+                    if let Some(l) = &mut link {
+                        l.last_heard = Instant::now();
+                    }
+                    // An answer may free the next one-report batch.
+                    reports_pending = true;
+                    if let Some(kind) = m.kind {
+                        self.on_message(kind);
+                    }
+                }
+                Wake::Message(ended) => {
+                    link = None;
+                    let status = match ended {
+                        Some(Err(status)) => Some(status),
+                        _ => None,
+                    };
+                    retry_at = self.on_session_end(status, &mut backoff).await;
+                }
+                Wake::Done(lease, status) => self.on_done(&lease, status, connected),
+                Wake::Heartbeat => {
+                    let silent = link.as_ref().map(|l| l.last_heard.elapsed());
+                    if let Some(silent) = silent
+                        && silent > (self.timing.heartbeat_every * 2).max(Duration::from_secs(2))
+                    {
+                        tracing::warn!(
+                            ?silent,
+                            "no word from the server for two heartbeats; reconnecting"
+                        );
+                        link = None;
+                        retry_at = Instant::now();
+                    } else if !self.control.iter().any(|m| matches!(m, Out::Heartbeat(_))) {
+                        self.queue_heartbeat();
+                    }
+                }
+                Wake::Signal(Signal::Drain(reason)) => self.step(Event::Drain(reason), connected),
+                Wake::Signal(Signal::StopNow(reason)) => {
+                    self.step(Event::StopNow(reason), connected)
+                }
+            }
+        };
+        drop(link);
+        match end {
+            End::Exit { exit, reason } => {
+                self.deregister(reason).await;
+                Ok(exit)
+            }
+            End::Fail(message) => Err(anyhow::anyhow!(message)),
+        }
+    }
+
+    /// What the phase machine needs to know now.
+    fn facts(&self, connected: bool) -> phase::Facts {
+        phase::Facts {
+            now: Instant::now(),
+            jobs_running: self.jobs.len(),
+            outbox_empty: self.outbox.is_empty(),
+            connected,
+            next_heartbeat: self.heartbeats_queued + 1,
+        }
+    }
+
+    /// Feeds an event to the phase machine and carries out its actions.
+    fn step(&mut self, event: Event, connected: bool) {
+        if self.end.is_some() {
+            return;
+        }
+        let facts = self.facts(connected);
+        let asked_again = match &event {
+            Event::Drain(why) | Event::StopNow(why) if self.phase.leave().is_some() => {
+                Some(why.clone())
+            }
+            _ => None,
+        };
+        let step = phase::transition(&self.phase, &self.rules, event, &facts);
+        if let Some(why) = asked_again {
+            tracing::info!(reason = %why, "asked again to leave");
+        }
+        let previous = std::mem::replace(&mut self.phase, step.next);
+        let reason = previous
+            .leave()
+            .or(self.phase.leave())
+            .map(|l| l.reason.clone());
+        if previous.name() != self.phase.name() {
+            tracing::info!(
+                from = previous.name(),
+                to = self.phase.name(),
+                reason = reason.as_deref().unwrap_or(""),
+                running = self.jobs.len(),
+                grace = ?self.rules.drain_grace,
+                "runner phase"
+            );
+        }
+        for action in step.actions {
+            match action {
+                Action::AnnounceDrain(reason) => {
+                    self.control
+                        .push_back(Out::Drain(pb::SessionDrain { reason }));
+                    // Numbered `facts.next_heartbeat`: its answer proves the drain taken in.
+                    self.queue_heartbeat();
+                }
+                Action::StopAllWork(message) => self.stop_all(&message),
+                Action::LoseAllWork(why) => {
+                    tracing::error!("{why}: stopping all work as lost");
+                    self.lose_all_work(&why);
+                }
+                Action::Exit { exit, acknowledged } => {
+                    if !acknowledged {
+                        tracing::error!(
+                            held = self.outbox.held().len(),
+                            "leaving before the server acknowledged everything (it is unreachable or slow)"
+                        );
+                    }
+                    self.end = Some(End::Exit {
+                        exit,
+                        reason: reason.clone().unwrap_or_else(|| "leaving".to_string()),
+                    });
+                }
+                Action::Fail(message) => self.end = Some(End::Fail(message)),
+            }
+        }
+    }
+
+    /// Opens a session: hello, then the server's welcome. A credential the server does not
+    /// know makes the runner register anew (and try again later).
+    async fn connect(&mut self) -> anyhow::Result<Link> {
+        let hello = hello(&self.phase, self.free_slots(), self.outbox.held());
+        match connection::open(&self.channel, &self.identity.credential, hello).await {
+            Ok(session) => {
+                self.on_welcome(session.welcome);
+                let every = self.timing.heartbeat_every;
+                Ok(Link {
+                    tx: session.tx,
+                    inbound: session.inbound,
+                    last_heard: Instant::now(),
+                    heartbeat: tokio::time::interval_at(Instant::now() + every, every),
+                })
+            }
+            Err(CallError::Unauthenticated(status)) => {
+                tracing::warn!(%status, "the server does not know this runner's credential; registering anew");
+                self.register_anew().await?;
+                anyhow::bail!("registered anew as {}", self.identity.runner_id);
+            }
+            Err(CallError::Other(e)) => Err(e),
+        }
+    }
+
+    fn on_welcome(&mut self, w: pb::Welcome) {
+        self.timing = Timing::from_welcome(&w);
+        self.batching.set_limits(w.limits.as_ref());
+        self.batching.session_opened(Instant::now());
+        self.outbox
+            .set_max_log_report(w.limits.as_ref().map_or(0, |l| {
+                usize::try_from(l.max_log_data_bytes).unwrap_or(usize::MAX)
+            }));
+        for r in w.revoked {
+            self.lease_lost(
+                &r.lease_id,
+                "the server revoked the lease while the runner was away",
+            );
+        }
+        // What was queued for the previous stream: credits and heartbeats are superseded by
+        // the hello, reports are sent again from the outbox; command acks still count.
+        self.control.retain(|m| matches!(m, Out::CommandAck(_)));
+        (self.heartbeats_queued, self.heartbeats_answered) = (0, 0);
+        self.outbox.resend_all();
+        tracing::info!(
+            runner = %self.identity.runner_id,
+            held = self.jobs.len(),
+            heartbeat = ?self.timing.heartbeat_every,
+            lease = ?self.timing.lease,
+            "session open"
+        );
+    }
+
+    /// A session ended (`status`: how, if the server said). Returns when to reconnect.
+    async fn on_session_end(&mut self, status: Option<Status>, backoff: &mut Backoff) -> Instant {
+        let end = SessionEnd::of(status.as_ref());
+        let refusal = match end {
+            SessionEnd::Broken => {
+                let delay = backoff.delay();
+                match &status {
+                    Some(status) => {
+                        tracing::warn!(%status, retry_in = ?delay, "session broke; the work goes on")
+                    }
+                    None => {
+                        tracing::warn!(retry_in = ?delay, "the server closed the session; the work goes on")
+                    }
+                }
+                return Instant::now() + delay;
+            }
+            SessionEnd::Replaced => {
+                self.step(Event::Replaced, false);
+                return Instant::now();
+            }
+            SessionEnd::Unauthenticated => {
+                tracing::warn!(
+                    status = %status.as_ref().map_or_else(String::new, ToString::to_string),
+                    "the server no longer accepts this runner's credential (revoked, or the runner was deleted); registering anew"
+                );
+                return match self.register_anew().await {
+                    Ok(()) => Instant::now(),
+                    Err(e) => {
+                        let delay = backoff.delay();
+                        tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot register anew");
+                        Instant::now() + delay
+                    }
+                };
+            }
+            SessionEnd::TooLarge => Refusal::TooLarge,
+            SessionEnd::Undecodable => Refusal::Undecodable,
+        };
+        let status = status.map_or_else(String::new, |s| s.to_string());
+        let outbox = &self.outbox;
+        match self
+            .batching
+            .refused(refusal, |r| outbox.awaits_ack(&r.lease_id, r.sequence))
+        {
+            Some(culprit) => {
+                outbox.drop_report(&culprit.lease_id, culprit.sequence);
+                tracing::error!(
+                    job = %culprit.job_id,
+                    lease = %culprit.lease_id,
+                    sequence = culprit.sequence,
+                    %status,
+                    "the server ended the session over this one report: dropping it (the attempt goes on)"
+                );
+            }
+            None => tracing::warn!(
+                %status,
+                one_report_per_batch = self.batching.single(),
+                "the server ended the session over what the runner sent: sending smaller batches"
+            ),
+        }
+        Instant::now() + backoff.delay()
+    }
+
+    /// Registers anew (the server no longer accepts the credential) and carries on under the
+    /// new identity; work held under the old one is lost to it.
+    async fn register_anew(&mut self) -> anyhow::Result<()> {
+        let registration = self.identity.registration.clone();
+        connection::register(
+            &self.config,
+            &self.channel,
+            &mut self.identity,
+            registration,
+        )
+        .await?;
+        // Work from now on runs under the new id.
+        self.ctx = Arc::new(job::Context {
+            outbox: self.outbox.clone(),
+            executors: self.ctx.executors.clone(),
+            runner_id: self.identity.runner_id.clone(),
+        });
+        self.lose_all_work("the runner registered anew; work held under its old identity is lost");
+        Ok(())
+    }
+
     fn free_slots(&self) -> u32 {
-        if self.leaving.is_some() {
+        if !self.phase.takes_work() {
             return 0;
         }
         // `--once` takes one job whatever its capacity.
@@ -316,294 +624,38 @@ impl Runner {
         capacity.saturating_sub(u32::try_from(self.jobs.len()).unwrap_or(u32::MAX))
     }
 
-    /// Opens a session: hello, then the server's welcome.
-    async fn connect(&mut self) -> anyhow::Result<Connection> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let hello = pb::Hello {
-            free_slots: self.free_slots(),
-            held: self.outbox.held(),
-        };
-        tx.try_send(pb::SessionRequest {
-            kind: Some(Out::Hello(hello)),
-        })
-        .context("queueing hello")?;
-        let mut client = client(&self.channel, &self.identity.credential)?;
-        let opened = tokio::time::timeout(CONNECT_TIMEOUT, client.session(ReceiverStream::new(rx)))
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))?;
-        let mut inbound = match opened {
-            Ok(r) => r.into_inner(),
-            Err(status) if status.code() == Code::Unauthenticated => {
-                tracing::warn!(%status, "the server does not know this runner's credential; registering anew");
-                let registration = self.identity.registration.clone();
-                register(
-                    &self.config,
-                    &self.channel,
-                    &mut self.identity,
-                    registration,
-                )
-                .await?;
-                // Work from now on runs under the new id (work held under the old one is
-                // lost to it anyway).
-                self.ctx = Arc::new(job::Context {
-                    outbox: self.outbox.clone(),
-                    executors: self.ctx.executors.clone(),
-                    runner_id: self.identity.runner_id.clone(),
-                });
-                anyhow::bail!("registered anew as {}", self.identity.runner_id);
-            }
-            Err(status) => return Err(status.into()),
-        };
-        let first = tokio::time::timeout(CONNECT_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| anyhow::anyhow!("no welcome within {CONNECT_TIMEOUT:?}"))??;
-        let Some(pb::SessionResponse {
-            kind: Some(In::Welcome(welcome)),
-        }) = first
-        else {
-            anyhow::bail!("the server's first session message was not a welcome");
-        };
-        self.on_welcome(welcome);
-        Ok(Connection { tx, inbound })
-    }
-
-    fn on_welcome(&mut self, w: pb::Welcome) {
-        self.heartbeat_every = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
-        self.lease = Duration::from_secs(u64::from(w.lease_seconds.max(1)));
-        for r in w.revoked {
-            self.lease_lost(
-                &r.lease_id,
-                "the server revoked the lease while the runner was away",
-            );
-        }
-        // What was queued for the previous stream: credits and heartbeats are superseded by
-        // the hello, reports are sent again from the outbox; command acks still count.
-        self.control.retain(|m| matches!(m, Out::CommandAck(_)));
-        (self.heartbeats_queued, self.heartbeats_answered) = (0, 0);
-        self.announce_leaving();
-        self.outbox.resend_all();
-        tracing::info!(runner = %self.identity.runner_id, held = self.jobs.len(), "session open");
-    }
-
-    /// Runs until the runner has drained (or its `--once` job is done), then deregisters.
-    pub async fn run(mut self, mut signals: mpsc::Receiver<Signal>) -> anyhow::Result<Exit> {
-        // The open session, if any: what goes to the server, what comes from it.
-        let mut tx: Option<mpsc::Sender<pb::SessionRequest>> = None;
-        let mut inbound: Option<Streaming<pb::SessionResponse>> = None;
-        let mut last_heard = Instant::now();
-        let mut backoff = Backoff::new(Duration::from_millis(self.config.reconnect_max_ms));
-        let mut retry_at = Instant::now();
-        let mut heartbeat = tokio::time::interval(self.heartbeat_every);
-        let mut reports_pending = true;
-        let mut signals_open = true;
-        let outbox = self.outbox.clone();
-        let far = Instant::now() + crate::executor::NEVER;
-
-        let exit = loop {
-            if let Some(exit) = self.finished() {
-                break exit;
-            }
-            if tx.is_none() && Instant::now() >= retry_at {
-                match self.connect().await {
-                    Ok(c) => {
-                        backoff.reset();
-                        heartbeat = tokio::time::interval_at(
-                            Instant::now() + self.heartbeat_every,
-                            self.heartbeat_every,
-                        );
-                        reports_pending = true;
-                        last_heard = Instant::now();
-                        (tx, inbound) = (Some(c.tx), Some(c.inbound));
-                    }
-                    Err(e) => {
-                        let delay = backoff.delay();
-                        tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot open a session");
-                        retry_at = Instant::now() + delay;
-                    }
-                }
-                continue;
-            }
-            let want_send = !self.control.is_empty() || reports_pending;
-            let stop_work_at = self
-                .leaving
-                .as_ref()
-                .and_then(|l| l.stop_work_at)
-                .filter(|_| !self.jobs.is_empty())
-                .unwrap_or(far);
-            let give_up_at = self
-                .leaving
-                .as_ref()
-                .and_then(|l| l.give_up_at)
-                .unwrap_or(far);
-            let idle_at = match self.config.idle_timeout_seconds {
-                0 => far,
-                _ if !self.jobs.is_empty() || self.leaving.is_some() => far,
-                s => self.idle_since + Duration::from_secs(s),
-            };
-            let event = tokio::select! {
-                msg = next_message(&mut inbound) => Event::Message(msg),
-                permit = reserve(&tx), if want_send => match permit {
-                    Some(permit) => {
-                        if let Some(kind) = self.control.pop_front() {
-                            permit.send(pb::SessionRequest { kind: Some(kind) });
-                        } else {
-                            let reports = outbox.take_unsent(BATCH_BYTES);
-                            if reports.is_empty() {
-                                reports_pending = false;
-                            } else {
-                                permit.send(pb::SessionRequest {
-                                    kind: Some(Out::Reports(pb::ReportBatch { reports })),
-                                });
-                            }
-                        }
-                        Event::Nothing
-                    }
-                    None => Event::Message(None),
-                },
-                _ = outbox.changed() => {
-                    reports_pending = true;
-                    Event::Nothing
-                }
-                done = self.done_rx.recv() => match done {
-                    Some((lease, status)) => Event::Done(lease, status),
-                    None => Event::Nothing,
-                },
-                _ = heartbeat.tick(), if tx.is_some() => Event::Heartbeat,
-                _ = tokio::time::sleep_until(retry_at), if tx.is_none() => Event::Nothing,
-                signal = signals.recv(), if signals_open => match signal {
-                    Some(s) => Event::Signal(s),
-                    None => {
-                        signals_open = false;
-                        Event::Nothing
-                    }
-                },
-                _ = tokio::time::sleep_until(stop_work_at) => Event::StopWork,
-                _ = tokio::time::sleep_until(idle_at) => Event::Idle,
-                _ = tokio::time::sleep_until(give_up_at) => Event::GiveUp,
-            };
-            match event {
-                Event::Nothing => {}
-                Event::Message(Some(Ok(m))) => {
-                    last_heard = Instant::now();
-                    if let Some(kind) = m.kind {
-                        self.on_message(kind);
-                    }
-                }
-                Event::Message(broken) => {
-                    (tx, inbound) = (None, None);
-                    let delay = backoff.delay();
-                    match broken {
-                        Some(Err(status)) => {
-                            tracing::warn!(%status, retry_in = ?delay, "session broke; the work goes on")
-                        }
-                        _ => {
-                            tracing::warn!(retry_in = ?delay, "the server closed the session; the work goes on")
-                        }
-                    }
-                    retry_at = Instant::now() + delay;
-                }
-                Event::Done(lease, status) => self.on_done(&lease, status, tx.is_some()),
-                Event::Heartbeat => {
-                    // Every heartbeat is answered: two intervals of silence mean a dead
-                    // connection (or a stuck server), well before the leases run out.
-                    let silent = last_heard.elapsed();
-                    if silent > (self.heartbeat_every * 2).max(Duration::from_secs(2)) {
-                        tracing::warn!(
-                            ?silent,
-                            "no word from the server for two heartbeats; reconnecting"
-                        );
-                        (tx, inbound) = (None, None);
-                        retry_at = Instant::now();
-                    } else if !self.control.iter().any(|m| matches!(m, Out::Heartbeat(_))) {
-                        self.queue_heartbeat();
-                    }
-                }
-                Event::Signal(Signal::Drain(reason)) => self.drain(reason, false),
-                Event::Signal(Signal::StopNow(reason)) => self.drain(reason, true),
-                Event::StopWork => self.stop_all(),
-                Event::Idle => {
-                    let reason = format!("idle for {} s", self.config.idle_timeout_seconds);
-                    self.drain(reason, false);
-                }
-                Event::GiveUp if self.jobs.is_empty() => {
-                    let held = self.outbox.held().len();
-                    tracing::error!(
-                        held,
-                        "leaving before the server acknowledged everything (it is unreachable or slow)"
-                    );
-                    break self.exit();
-                }
-                // Work came in after the clock started: it runs first.
-                Event::GiveUp => {}
-            }
-        };
-        drop((tx, inbound));
-        self.deregister().await;
-        Ok(exit)
-    }
-
-    fn exit(&self) -> Exit {
-        match self.once_status {
-            Some(status) if self.config.once => Exit::Once(status),
-            _ => Exit::Drained,
-        }
-    }
-
-    /// The runner may leave: it is leaving, the server has taken its drain in (so no
-    /// assignment is still on its way), and its work is done and acknowledged.
-    fn finished(&mut self) -> Option<Exit> {
-        let answered = self.heartbeats_answered;
-        let leaving = self.leaving.as_mut()?;
-        if !self.jobs.is_empty() {
-            leaving.give_up_at = None;
+    /// The next batch of reports within the budget, if any may go now.
+    fn next_batch(&mut self) -> Option<Vec<pb::Report>> {
+        let outbox = &self.outbox;
+        let budget = self.batching.budget(Instant::now(), |r| {
+            outbox.awaits_ack(&r.lease_id, r.sequence)
+        })?;
+        let reports = outbox.take_unsent(budget);
+        if reports.is_empty() {
             return None;
         }
-        let synced = leaving.sync_heartbeat.is_some_and(|n| answered >= n);
-        if synced && self.outbox.is_empty() {
-            return Some(self.exit());
-        }
-        if leaving.give_up_at.is_none() {
-            leaving.give_up_at =
-                Some(Instant::now() + Duration::from_secs(self.config.report_wait_seconds));
-        }
-        None
+        self.batching.sent(&reports);
+        Some(reports)
     }
 
     fn on_message(&mut self, kind: In) {
         match kind {
             In::Welcome(_) => tracing::warn!("ignoring a second welcome"),
-            In::Assignment(a) => self.start(a),
+            In::Assignment(a) => {
+                if self.start(a) {
+                    self.step(Event::JobTaken, true);
+                }
+            }
             In::Command(c) => {
                 match c.kind {
-                    Some(pb::command::Kind::Cancel(cancel)) => {
-                        if let Some(job) = self.jobs.get(&cancel.lease_id) {
-                            tracing::info!(job = %job.job_id, reason = %cancel.reason, "cancel");
-                            let grace = match cancel.grace_seconds {
-                                0 => job.grace,
-                                s => Duration::from_secs(u64::from(s)),
-                            };
-                            let message = if cancel.reason.is_empty() {
-                                "canceled".to_string()
-                            } else {
-                                format!("canceled: {}", cancel.reason)
-                            };
-                            job::request_stop(
-                                &job.stop,
-                                Stop {
-                                    reason: StopReason::Cancel,
-                                    grace,
-                                    message,
-                                },
-                            );
-                        }
-                    }
+                    Some(pb::command::Kind::Cancel(cancel)) => self.cancel(&cancel),
                     Some(pb::command::Kind::Drain(d)) => {
                         let reason = if d.reason.is_empty() {
                             "drain requested".to_string()
                         } else {
                             format!("drain requested: {}", d.reason)
                         };
-                        self.drain(reason, false);
+                        self.step(Event::Drain(reason), true);
                     }
                     None => tracing::warn!(sequence = c.sequence, "a command of an unknown kind"),
                 }
@@ -617,12 +669,10 @@ impl Runner {
                     self.outbox.ack(&a.lease_id, a.acked_sequence);
                 }
             }
-            In::Rejected(r) => {
-                tracing::warn!(job = %r.job_id, code = r.code, message = %r.message, "the server refused a report");
-                self.lease_lost(&r.lease_id, &r.message);
-            }
+            In::Rejected(r) => self.on_rejected(&r),
             In::HeartbeatAck(h) => {
                 self.heartbeats_answered += 1;
+                self.step(Event::HeartbeatsAnswered(self.heartbeats_answered), true);
                 for r in h.revoked {
                     self.lease_lost(&r.lease_id, "the server revoked the lease");
                 }
@@ -630,12 +680,77 @@ impl Runner {
         }
     }
 
-    fn start(&mut self, a: pb::Assignment) {
+    fn cancel(&mut self, cancel: &pb::CancelCommand) {
+        let Some(job) = self.jobs.get(&cancel.lease_id) else {
+            return;
+        };
+        tracing::info!(job = %job.job_id, reason = %cancel.reason, "cancel");
+        let grace = match cancel.grace_seconds {
+            0 => job.grace,
+            s => Duration::from_secs(u64::from(s)),
+        };
+        let message = if cancel.reason.is_empty() {
+            "canceled".to_string()
+        } else {
+            format!("canceled: {}", cancel.reason)
+        };
+        job::request_stop(
+            &job.stop,
+            Stop {
+                reason: StopReason::Cancel,
+                grace,
+                message,
+            },
+        );
+    }
+
+    /// The server refused a report. The rejection names the attempt, not the report: it is
+    /// about the attempt's oldest report sent and not acknowledged (the server answers a
+    /// batch's acknowledgements first, and refuses the rest of an attempt's batch after the
+    /// first refusal, in order).
+    fn on_rejected(&mut self, r: &pb::ReportRejected) {
+        // The refused report: named by the server, or (an older server) the attempt's oldest
+        // sent one — rejections of an attempt come in the order of its reports.
+        let refused = || match r.sequence {
+            0 => self.outbox.first_sent(&r.lease_id),
+            n => Some(n),
+        };
+        match Rejection::of(r.code) {
+            Rejection::Malformed => match refused() {
+                Some(sequence) => {
+                    self.outbox.drop_report(&r.lease_id, sequence);
+                    tracing::error!(
+                        job = %r.job_id,
+                        lease = %r.lease_id,
+                        sequence,
+                        message = %r.message,
+                        "the server refused a report as malformed: dropping it (the attempt goes on)"
+                    );
+                }
+                None => {
+                    tracing::warn!(job = %r.job_id, lease = %r.lease_id, message = %r.message, "the server refused a report no longer held")
+                }
+            },
+            Rejection::NotApplied => {
+                if let Some(sequence) = refused() {
+                    tracing::debug!(job = %r.job_id, sequence, message = %r.message, "report not applied; sending it again");
+                    self.outbox.mark_unsent(&r.lease_id, sequence);
+                }
+            }
+            Rejection::LeaseLost => {
+                tracing::warn!(job = %r.job_id, code = r.code, message = %r.message, "the server refused a report");
+                self.lease_lost(&r.lease_id, &r.message);
+            }
+        }
+    }
+
+    /// Starts an assignment. Returns false when it was a duplicate (nothing changes).
+    fn start(&mut self, a: pb::Assignment) -> bool {
         let spec = a.spec.clone().unwrap_or_default();
         tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
         if !self.outbox.open(&a.job_id, &a.lease_id) {
             tracing::warn!(job = %a.job_id, lease = %a.lease_id, "ignoring a second assignment of a lease already held");
-            return;
+            return false;
         }
         let (stop, _) = watch::channel(None);
         self.jobs.insert(
@@ -646,15 +761,6 @@ impl Runner {
                 grace: job::grace(&spec),
             },
         );
-        if self.config.once && self.leaving.is_none() {
-            self.leaving = Some(Leaving {
-                reason: "--once: took its one job".to_string(),
-                stop_work_at: None,
-                give_up_at: None,
-                sync_heartbeat: None,
-            });
-            self.announce_leaving();
-        }
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         let lease = a.lease_id.clone();
@@ -670,23 +776,19 @@ impl Runner {
             };
             let _ = done.send((lease, status));
         });
+        true
     }
 
     /// A job task ended. `connected`: a session is open (otherwise the next hello counts the
     /// free slot, and the outbox sends the reports).
     fn on_done(&mut self, lease: &str, status: Option<pb::JobStatus>, connected: bool) {
         self.jobs.remove(lease);
-        if self.jobs.is_empty() {
-            self.idle_since = Instant::now();
-        }
-        if self.config.once && self.once_status.is_none() {
-            self.once_status = Some(status);
-        }
-        if self.leaving.is_none() && connected {
+        self.step(Event::JobEnded(status), connected);
+        if self.phase.takes_work() && connected {
             // The attempt's last reports go ahead of the credit for its slot, so the server
-            // records the end of one job before it hands out the next.
-            let reports = self.outbox.take_unsent(BATCH_BYTES);
-            if !reports.is_empty() {
+            // records the end of one job before it hands out the next. (In one-report mode
+            // a report still unanswered holds them back: the credit goes alone.)
+            if let Some(reports) = self.next_batch() {
                 self.control
                     .push_back(Out::Reports(pb::ReportBatch { reports }));
             }
@@ -710,38 +812,12 @@ impl Runner {
         }
     }
 
-    /// Takes no new work; running work may finish within the drain grace (`now`: none).
-    fn drain(&mut self, reason: String, now: bool) {
-        let at = Instant::now()
-            + if now {
-                Duration::ZERO
-            } else {
-                self.config.drain_grace()
-            };
-        match &mut self.leaving {
-            Some(l) => {
-                // Already leaving: a stop-now request (a second signal) stops the work at
-                // once; a drain after `--once` took its job starts the drain grace.
-                let when = if now {
-                    Some(Instant::now())
-                } else {
-                    l.stop_work_at.or(Some(at))
-                };
-                if when != l.stop_work_at {
-                    tracing::info!(%reason, "asked again to leave");
-                }
-                l.stop_work_at = when;
-            }
-            None => {
-                tracing::info!(%reason, running = self.jobs.len(), grace = ?self.config.drain_grace(), "draining");
-                self.leaving = Some(Leaving {
-                    reason,
-                    stop_work_at: Some(at),
-                    give_up_at: None,
-                    sync_heartbeat: None,
-                });
-                self.announce_leaving();
-            }
+    /// Every lease is lost: stop all work and forget every report.
+    fn lose_all_work(&mut self, why: &str) {
+        let mut leases: Vec<String> = self.jobs.keys().cloned().collect();
+        leases.extend(self.outbox.held().into_iter().map(|l| l.lease_id));
+        for lease in leases {
+            self.lease_lost(&lease, why);
         }
     }
 
@@ -752,72 +828,68 @@ impl Runner {
         }));
     }
 
-    /// Tells the server (on the current stream) that the runner is leaving, followed by a
-    /// heartbeat whose answer proves the server has taken it in.
-    fn announce_leaving(&mut self) {
-        let Some(reason) = self.leaving.as_ref().map(|l| l.reason.clone()) else {
-            return;
-        };
-        self.control
-            .push_back(Out::Drain(pb::SessionDrain { reason }));
-        self.queue_heartbeat();
-        let target = self.heartbeats_queued;
-        if let Some(l) = &mut self.leaving {
-            l.sync_heartbeat = Some(target);
-        }
-    }
-
-    fn stop_all(&mut self) {
-        let grace_s = self.config.drain_grace_seconds;
-        let reason = self
-            .leaving
-            .as_ref()
-            .map_or_else(String::new, |l| l.reason.clone());
+    fn stop_all(&mut self, message: &str) {
         for job in self.jobs.values() {
             job::request_stop(
                 &job.stop,
                 Stop {
                     reason: StopReason::Drain,
                     grace: job.grace,
-                    message: format!(
-                        "the runner is leaving ({reason}) and the work did not finish within the drain grace of {grace_s} s"
-                    ),
+                    message: message.to_string(),
                 },
             );
         }
-        if let Some(l) = &mut self.leaving {
-            // Stopped once; the jobs now end by their own grace.
-            l.stop_work_at = Some(Instant::now() + crate::executor::NEVER);
-        }
     }
 
-    async fn deregister(&self) {
-        let reason = self
-            .leaving
-            .as_ref()
-            .map_or_else(|| "leaving".to_string(), |l| l.reason.clone());
-        let result = async {
-            let mut client = client(&self.channel, &self.identity.credential)?;
-            let resp = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                client.deregister(pb::DeregisterRequest { reason }),
-            )
-            .await
-            .map_err(|_| anyhow::anyhow!("no answer within {CONNECT_TIMEOUT:?}"))??;
-            anyhow::Ok(resp.into_inner())
-        }
-        .await;
+    /// Says the runner leaves. A credential the server no longer accepts is registered anew
+    /// first (so the state directory holds a valid identity for the next start), and that
+    /// identity deregistered.
+    async fn deregister(&mut self, reason: String) {
+        let result = match connection::deregister(
+            &self.channel,
+            &self.identity.credential,
+            reason.clone(),
+        )
+        .await
+        {
+            Err(CallError::Unauthenticated(status)) => {
+                tracing::warn!(%status, "the server no longer accepts this runner's credential; registering anew before leaving");
+                match tokio::time::timeout(REGISTER_ON_EXIT, self.register_anew()).await {
+                    Ok(Ok(())) => {
+                        connection::deregister(&self.channel, &self.identity.credential, reason)
+                            .await
+                    }
+                    Ok(Err(e)) => Err(CallError::Other(e)),
+                    Err(_) => Err(CallError::Other(anyhow::anyhow!(
+                        "registering anew took longer than {REGISTER_ON_EXIT:?}"
+                    ))),
+                }
+            }
+            other => other,
+        };
         match result {
             Ok(r) => tracing::info!(released = r.released_attempts, "deregistered"),
             Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "could not deregister; the server will mark this runner offline when its heartbeats stop")
+                tracing::warn!(error = %e, "could not deregister; the server will mark this runner offline when its heartbeats stop")
             }
         }
     }
 }
 
+/// The hello that opens a session: free slots, leases held, and whether the runner is
+/// leaving (so that the session opens DRAINING, with no moment in which it looks ready).
+fn hello(phase: &Phase, free_slots: u32, held: Vec<pb::LeaseRef>) -> pb::Hello {
+    let leave = phase.leave();
+    pb::Hello {
+        free_slots,
+        held,
+        draining: leave.is_some(),
+        drain_reason: leave.map(|l| l.reason.clone()).unwrap_or_default(),
+    }
+}
+
 async fn next_message(
-    inbound: &mut Option<Streaming<pb::SessionResponse>>,
+    inbound: Option<&mut Streaming<pb::SessionResponse>>,
 ) -> Option<Result<pb::SessionResponse, Status>> {
     match inbound {
         Some(s) => s.next().await,
@@ -826,7 +898,7 @@ async fn next_message(
 }
 
 async fn reserve(
-    tx: &Option<mpsc::Sender<pb::SessionRequest>>,
+    tx: Option<&mpsc::Sender<pb::SessionRequest>>,
 ) -> Option<mpsc::Permit<'_, pb::SessionRequest>> {
     match tx {
         Some(tx) => tx.reserve().await.ok(),
@@ -834,62 +906,13 @@ async fn reserve(
     }
 }
 
-/// Registers with the registration token, retrying while the server is unreachable, and
-/// saves the new identity.
-async fn register(
-    config: &Config,
-    channel: &Channel,
-    identity: &mut Identity,
-    registration: Registration,
-) -> anyhow::Result<()> {
-    let token = config.registration_token.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "no runner identity in {} for these settings, and no --registration-token (GANTRY_REGISTRATION_TOKEN) to register with",
-            config.state_dir.display()
-        )
-    })?;
-    let request = pb::RegisterRequest {
-        name: registration.name.clone(),
-        labels: registration.labels.clone().into_iter().collect(),
-        capacity: registration.capacity,
-        executors: config.executors.iter().map(|e| *e as i32).collect(),
-        queues: registration.queues.clone(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        hostname: crate::config::hostname(),
-    };
-    let mut backoff = Backoff::new(Duration::from_millis(config.reconnect_max_ms));
-    let response = loop {
-        let mut client = client(channel, token)?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, client.register(request.clone())).await {
-            Ok(Ok(r)) => break r.into_inner(),
-            Ok(Err(status))
-                if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) =>
-            {
-                let delay = backoff.delay();
-                tracing::warn!(%status, retry_in = ?delay, "cannot reach the server to register");
-                tokio::time::sleep(delay).await;
-            }
-            Ok(Err(status)) => {
-                return Err(anyhow::anyhow!(
-                    "registration refused: {} ({:?})",
-                    status.message(),
-                    status.code()
-                ));
-            }
-            Err(_) => {
-                let delay = backoff.delay();
-                tracing::warn!(retry_in = ?delay, "registration timed out");
-                tokio::time::sleep(delay).await;
-            }
+async fn tick(heartbeat: Option<&mut tokio::time::Interval>) {
+    match heartbeat {
+        Some(h) => {
+            h.tick().await;
         }
-    };
-    identity.replace(response.runner_id, response.credential, registration);
-    let (dir, saved) = (config.state_dir.clone(), identity.clone());
-    tokio::task::spawn_blocking(move || identity::save(&dir, &saved))
-        .await
-        .context("saving the identity")??;
-    tracing::info!(runner = %identity.runner_id, name = %identity.registration.name, "registered");
-    Ok(())
+        None => futures::future::pending().await,
+    }
 }
 
 #[cfg(test)]
@@ -897,23 +920,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_doubles_with_jitter_up_to_its_bound() {
-        let mut b = Backoff::new(Duration::from_millis(1000));
-        let delays: Vec<Duration> = (0..8).map(|_| b.delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= BACKOFF_BASE);
-        assert!(delays.iter().all(|d| *d <= Duration::from_millis(1000)));
-        assert!(delays[7] >= Duration::from_millis(500));
-        b.reset();
-        assert!(b.delay() <= BACKOFF_BASE);
+    fn rejections_drop_a_malformed_report_resend_an_unapplied_one_or_lose_the_lease() {
+        assert_eq!(
+            Rejection::of(Code::InvalidArgument as i32),
+            Rejection::Malformed
+        );
+        assert_eq!(Rejection::of(Code::Aborted as i32), Rejection::NotApplied);
+        for code in [
+            Code::FailedPrecondition,
+            Code::PermissionDenied,
+            Code::NotFound,
+            Code::Internal,
+            Code::Unknown,
+        ] {
+            assert_eq!(Rejection::of(code as i32), Rejection::LeaseLost, "{code:?}");
+        }
+        assert_eq!(Rejection::of(1234), Rejection::LeaseLost);
     }
 
     #[test]
-    fn exit_codes_follow_the_outcome() {
-        assert_eq!(Exit::Drained.code(), 0);
-        assert_eq!(Exit::Once(Some(pb::JobStatus::Succeeded)).code(), 0);
-        assert_eq!(Exit::Once(Some(pb::JobStatus::Failed)).code(), 1);
-        assert_eq!(Exit::Once(Some(pb::JobStatus::Canceled)).code(), 3);
-        assert_eq!(Exit::Once(Some(pb::JobStatus::TimedOut)).code(), 4);
-        assert_eq!(Exit::Once(None).code(), 5);
+    fn a_leaving_runner_says_so_in_every_hello() {
+        let now = Instant::now();
+        let serving = hello(&Phase::start(now), 2, Vec::new());
+        assert!(!serving.draining && serving.drain_reason.is_empty());
+        assert_eq!(serving.free_slots, 2);
+        let leave = phase::Leave {
+            reason: "SIGTERM received".into(),
+            stop_work: phase::StopWork::At(now),
+            sync: phase::Sync::Unannounced,
+            once_outcome: None,
+        };
+        for leaving in [
+            Phase::Draining(leave.clone()),
+            Phase::OnceTaken(leave.clone()),
+            Phase::Settling {
+                leave: leave.clone(),
+                give_up_at: now,
+            },
+        ] {
+            let h = hello(&leaving, 0, Vec::new());
+            assert!(h.draining, "{}", leaving.name());
+            assert_eq!(h.drain_reason, "SIGTERM received");
+        }
     }
 }

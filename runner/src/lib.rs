@@ -6,17 +6,24 @@
 //! attempt's status, executor phases, progress and output with per-attempt sequence
 //! numbers, resending whatever the server has not acknowledged after a reconnect.
 //!
-//! Modules: [`agent`] (the session and the work it holds), [`job`] (one attempt: executor,
-//! timeout, final status), [`executor`] (docker, process), [`output`] (log chunks and the
-//! progress syntax), [`outbox`] (unacknowledged reports), [`identity`] (the state file),
-//! [`config`].
+//! Modules: [`agent`] (the session and the work it holds: the I/O, and the reactions to what
+//! the server says), [`phase`] (the runner's phases and the rules for leaving, as pure
+//! transitions), [`connection`] (endpoint, TLS, credentials, registration, backoff, opening a
+//! session), [`batching`] (report batch sizes from the server's limits and refusals),
+//! [`job`] (one attempt: executor, timeout, final status), [`executor`] (docker, process),
+//! [`output`] (log chunks and the progress syntax), [`outbox`] (unacknowledged reports),
+//! [`stop`] (why and how work is stopped), [`identity`] (the state file), [`config`].
 pub mod agent;
+pub mod batching;
 pub mod config;
+pub mod connection;
 pub mod executor;
 pub mod identity;
 pub mod job;
 pub mod outbox;
 pub mod output;
+pub mod phase;
+pub mod stop;
 
 pub use agent::{Exit, Runner, Signal};
 pub use config::Config;

@@ -1,6 +1,8 @@
 //! Server configuration: flags, each with a `GANTRY_*` environment variable.
 use std::{net::SocketAddr, path::PathBuf};
 
+use crate::store::SqliteSync;
+
 /// Everything `gantry-server` can be told.
 #[derive(Clone, Debug, clap::Parser)]
 #[command(name = "gantry-server", version, about = "Gantry job server (gRPC)")]
@@ -76,6 +78,33 @@ pub struct Config {
     /// checkers that cannot speak TLS (Kubernetes' native gRPC probes). Off when absent.
     #[arg(long, env = "GANTRY_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+
+    /// Largest message the server accepts from a client or runner, in bytes (a larger one is
+    /// refused with RESOURCE_EXHAUSTED); also the most a Claim answer carries. Runners learn
+    /// it from `Limits` and size their batches by it.
+    #[arg(long, env = "GANTRY_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(65_536..=67_108_864))]
+    pub max_message_bytes: u32,
+
+    /// Log bytes stored per job, every attempt together; output beyond it is dropped after a
+    /// marker line and a `LimitReached` event. 0 stores everything.
+    #[arg(long, env = "GANTRY_MAX_LOG_BYTES_PER_JOB", default_value_t = 1 << 30)]
+    pub max_log_bytes_per_job: u64,
+
+    /// Events stored per job; progress and phase events beyond it are dropped after a
+    /// `LimitReached` event (status changes are always stored). 0 stores everything.
+    #[arg(long, env = "GANTRY_MAX_EVENTS_PER_JOB", default_value_t = 100_000)]
+    pub max_events_per_job: u64,
+
+    /// How SQLite commits: `full` (the default) puts every commit on disk before the server
+    /// acknowledges what it holds; `normal` is faster, but a power loss (not a crash of the
+    /// server) can lose reports the runners were told are stored. See BENCHMARKS.md.
+    #[arg(long, env = "GANTRY_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSync::Full)]
+    pub sqlite_synchronous: SqliteSync,
+
+    /// How far this host's clock is off, in ms: a stand-in, for tests, for a host whose clock
+    /// is wrong (a fault no test can cause on the real clock). Not a command-line option.
+    #[arg(skip)]
+    pub clock_skew_ms: i64,
 }
 
 impl Config {

@@ -1,338 +1,355 @@
 //! Dispatch: which runner gets which job. A job goes to a runner when the runner serves the
-//! job's queue, offers its executor, carries every label the job requires, has a free slot,
-//! the job's `not_before` has passed, and the job's `lock_key` (if any) is free. Among
-//! those, higher priority first, then the oldest (UUIDv7 order).
+//! job's queue, offers its executor, carries every label the job requires, has a free slot
+//! ([`crate::capacity`]), the job's `not_before` has passed, and the job's `lock_key` (if
+//! any) is free ([`crate::locks`]). Among those, higher priority first, then the oldest
+//! (UUIDv7 order).
 //!
 //! One task, the [`Claimer`], claims for every runner: the claims waiting at a moment share
-//! one write transaction. On PostgreSQL candidate rows are read
-//! `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never hand out one job twice, and
-//! a lock key is taken by inserting its row (primary key) in the same transaction.
-use std::{
-    collections::{BTreeSet, HashMap},
-    time::Duration,
-};
+//! one write transaction, one read of the runners and one scan of candidates, given out
+//! round robin. The scan walks the queue in dispatch order by key (not by offset), with
+//! jobs whose lock key is held left out by the query itself. On PostgreSQL candidate rows are
+//! read `FOR UPDATE SKIP LOCKED`, so replicas claiming at once never hand out one job twice.
+//! An answer never grows past the server's message limit.
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use gantry_proto as pb;
+use prost::Message;
 use sea_orm::{
-    ColumnTrait, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::{LockBehavior, LockType, OnConflict},
+    ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::{LockBehavior, LockType},
 };
 use uuid::Uuid;
 
 use crate::{
-    App,
     batch::{GroupCommit, Queue},
+    capacity,
     error::{Error, Result},
-    lifecycle::{Lifecycle, decode},
-    store::entity::{attempt, job, lock, runner},
+    jobs::lifecycle::{Env, job_view},
+    jobs::state,
+    locks,
+    store::entity::{job, runner},
 };
-
-/// What dispatch needs to know about a runner.
-#[derive(Clone, Debug)]
-pub struct RunnerProfile {
-    /// Runner id.
-    pub id: Uuid,
-    /// Labels it carries.
-    pub labels: HashMap<String, String>,
-    /// Executors it offers (`ExecutorKind` numbers).
-    pub executors: Vec<i32>,
-    /// Queues it serves.
-    pub queues: Vec<String>,
-    /// `RunnerState` number.
-    pub state: i32,
-    /// Concurrent jobs it takes.
-    pub capacity: u32,
-}
-
-/// Loads a runner's profile.
-pub async fn profile(app: &App, runner_id: Uuid) -> Result<RunnerProfile> {
-    let row = runner::Entity::find_by_id(runner_id)
-        .one(app.store.db())
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("runner {runner_id}")))?;
-    let info: pb::RegisterRequest = decode(&row.info)?;
-    Ok(RunnerProfile {
-        id: row.id,
-        labels: info.labels,
-        executors: info.executors,
-        queues: info.queues,
-        state: row.state,
-        capacity: u32::try_from(row.capacity).unwrap_or(1),
-    })
-}
 
 /// Claim transactions in flight at once on PostgreSQL.
 const PARALLEL_CLAIMS_POSTGRES: usize = 4;
-
 /// Claim requests answered by one transaction at most.
 const MAX_CLAIMS_AT_ONCE: usize = 256;
-
 /// Candidate rows read per window beyond what the waiting claims can take: jobs no waiting
 /// runner can run (labels) are skipped, and further windows follow when needed.
 const WINDOW_SLACK: u64 = 16;
-
 /// Candidates one claim transaction looks at, at most: further windows find jobs behind
 /// ones that no waiting runner can take (label matching in SQL is on the roadmap).
 const MAX_CANDIDATES: u64 = 1024;
+/// Bytes of an assignment besides its spec (ids, times, framing), counted generously.
+const ASSIGNMENT_OVERHEAD: usize = 256;
 
-/// Handle to the claimer: the one task that claims jobs for runners. Claims,
-/// `(runner, at most)`, are group-committed (see [`crate::batch`]): every claim waiting when
-/// the claimer is free (one per session woken by new work, typically) is answered by one
-/// transaction that reads one window of candidates for all of them.
-pub type Claimer = GroupCommit<(Uuid, usize), Vec<pb::Assignment>>;
+/// A claim: the runner, and how many jobs it asks for at most.
+pub type Want = (Uuid, usize);
 
-/// Starts the claimer for `app` on `queue`. SQLite has one writer: one claim transaction at
-/// a time. On PostgreSQL a few overlap (every statement is a network round trip); SKIP
-/// LOCKED keeps them apart.
-pub fn start_claimer(app: App, queue: Queue<(Uuid, usize), Vec<pb::Assignment>>) {
-    let parallel = if app.store.is_postgres() {
+/// Handle to the claimer: claims are group-committed (see [`crate::batch`]).
+pub type Claimer = GroupCommit<Want, Vec<pb::Assignment>>;
+
+/// Starts the claimer on `queue`; an answer holds at most `max_answer_bytes` of
+/// assignments (at least one). SQLite has one writer: one claim transaction at a time. On
+/// PostgreSQL a few overlap (every statement is a network round trip).
+pub fn start_claimer(env: Env, max_answer_bytes: usize, queue: Queue<Want, Vec<pb::Assignment>>) {
+    let parallel = if env.store.is_postgres() {
         PARALLEL_CLAIMS_POSTGRES
     } else {
         1
     };
     GroupCommit::spawn(queue, "claim", MAX_CLAIMS_AT_ONCE, parallel, move |wants| {
-        let app = app.clone();
-        async move { claim_for(&app, &wants).await }
+        let env = env.clone();
+        async move { claim_for(&env, max_answer_bytes, &wants).await }
     });
 }
 
-/// One claim of the batch: the runner, what it may still take, what it got.
-struct Want {
-    runner: RunnerProfile,
+/// One claim of the batch: what the runner offers, what it may still take, what it got.
+struct Taker {
+    id: Uuid,
+    labels: HashMap<String, String>,
+    executors: Vec<i32>,
+    queues: Vec<String>,
+    capacity: u32,
     room: usize,
+    bytes_left: usize,
     got: Vec<pb::Assignment>,
 }
 
-impl Want {
+impl Taker {
     fn takes(&self, job: &job::Model, spec: &pb::JobSpec) -> bool {
         self.room > 0
-            && self.runner.queues.contains(&job.queue)
-            && self.runner.executors.contains(&job.executor)
+            && self.queues.contains(&job.queue)
+            && self.executors.contains(&job.executor)
             && spec
                 .labels
                 .iter()
-                .all(|(k, v)| self.runner.labels.get(k) == Some(v))
+                .all(|(k, v)| self.labels.get(k) == Some(v))
     }
 }
 
-/// Claims for every `(runner, max)` in one transaction: one window of candidates, in
-/// dispatch order, each given to the next runner (round robin) that may take it. Answers
-/// in the order asked; a runner that is unknown gets `NotFound`, a draining one nothing.
-async fn claim_for(app: &App, wants: &[(Uuid, usize)]) -> Result<Vec<Result<Vec<pb::Assignment>>>> {
+/// Claims for every want in one transaction. Answers in the order asked; a runner that is
+/// unknown or revoked is refused (UNAUTHENTICATED), a draining one gets nothing.
+async fn claim_for(
+    env: &Env,
+    max_answer_bytes: usize,
+    wants: &[Want],
+) -> Result<Vec<Result<Vec<pb::Assignment>>>> {
     let ids: Vec<Uuid> = wants.iter().map(|(id, _)| *id).collect();
-    let mut profiles: HashMap<Uuid, RunnerProfile> = HashMap::new();
-    for row in runner::Entity::find()
+    let rows: HashMap<Uuid, runner::Model> = runner::Entity::find()
         .filter(runner::Column::Id.is_in(ids))
-        .all(app.store.db())
+        .all(env.store.db())
         .await?
-    {
-        let info: pb::RegisterRequest = decode(&row.info)?;
-        profiles.insert(
-            row.id,
-            RunnerProfile {
-                id: row.id,
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
+    let mut takers: Vec<Result<Taker>> = wants
+        .iter()
+        .map(|(id, asked)| {
+            let row = rows.get(id).ok_or_else(|| Error::unknown_runner(*id))?;
+            if row.revoked_at.is_some() {
+                return Err(Error::revoked_runner(*id));
+            }
+            let info = pb::RegisterRequest::decode(row.info.as_slice())?;
+            let draining = row.state == pb::RunnerState::Draining as i32;
+            Ok(Taker {
+                id: *id,
                 labels: info.labels,
                 executors: info.executors,
                 queues: info.queues,
-                state: row.state,
                 capacity: u32::try_from(row.capacity).unwrap_or(1),
-            },
-        );
-    }
-    // Slot i of `claims` answers wants[i]; None: the runner is unknown.
-    let mut claims: Vec<Option<Want>> = wants
-        .iter()
-        .map(|(id, max)| {
-            profiles.get(id).map(|p| Want {
-                room: if p.state == pb::RunnerState::Draining as i32 {
-                    0
-                } else {
-                    *max
-                },
-                runner: p.clone(),
+                room: if draining { 0 } else { *asked },
+                bytes_left: max_answer_bytes,
                 got: Vec::new(),
             })
         })
         .collect();
-    let answer = |claims: Vec<Option<Want>>| -> Vec<Result<Vec<pb::Assignment>>> {
-        claims
-            .into_iter()
-            .zip(wants)
-            .map(|(c, (id, _))| match c {
-                Some(w) => Ok(w.got),
-                None => Err(Error::NotFound(format!("runner {id}"))),
-            })
-            .collect()
+    let answer =
+        |takers: Vec<Result<Taker>>| takers.into_iter().map(|t| t.map(|t| t.got)).collect();
+    // Capacity first from a plain read, so that a runner with no free slot costs no write
+    // transaction; counted again inside the claim's transaction below.
+    fit_to_capacity(env.store.db(), &mut takers).await?;
+    let open = |takers: &[Result<Taker>]| {
+        takers
+            .iter()
+            .flatten()
+            .filter(|t| t.room > 0)
+            .map(|t| (t.queues.clone(), t.executors.clone()))
+            .collect::<Vec<_>>()
     };
-    let open = || claims.iter().flatten().filter(|w| w.room > 0);
-    let room: usize = open().map(|w| w.room).sum();
-    let queues: BTreeSet<&String> = open().flat_map(|w| &w.runner.queues).collect();
-    let queues: Vec<String> = queues.into_iter().cloned().collect();
-    let executors: BTreeSet<i32> = open()
-        .flat_map(|w| w.runner.executors.iter().copied())
+    let wanted = open(&takers);
+    let queues: Vec<String> = wanted
+        .iter()
+        .flat_map(|(q, _)| q.iter().cloned())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
         .collect();
-    let executors: Vec<i32> = executors.into_iter().collect();
-    if room == 0 {
-        return Ok(answer(claims));
+    let executors: Vec<i32> = wanted
+        .iter()
+        .flat_map(|(_, e)| e.iter().copied())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if queues.is_empty() {
+        return Ok(answer(takers));
     }
+    let now = env.clock.now_ms();
+    let dispatchable = || {
+        Condition::all()
+            .add(job::Column::Status.eq(pb::JobStatus::Queued as i32))
+            .add(job::Column::Queue.is_in(queues.clone()))
+            .add(job::Column::Executor.is_in(executors.clone()))
+            .add(job::Column::NotBefore.lte(now))
+            .add(locks::free())
+    };
     // A read first: no write transaction (on SQLite, the one writer) when nothing waits.
     let waiting = job::Entity::find()
         .select_only()
         .column(job::Column::Id)
-        .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
-        .filter(job::Column::Queue.is_in(queues.clone()))
-        .filter(job::Column::Executor.is_in(executors.clone()))
-        .filter(job::Column::NotBefore.lte(crate::lifecycle::now_ms()))
+        .filter(dispatchable())
         .limit(1)
         .into_tuple::<Uuid>()
-        .one(app.store.db())
+        .one(env.store.db())
         .await?;
     if waiting.is_none() {
-        return Ok(answer(claims));
+        return Ok(answer(takers));
     }
-    let wtx = app.store.write().await?;
-    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
-    let postgres = app.store.is_postgres();
+    let wtx = env.store.write().await?;
+    let mut lc = env.lifecycle(&wtx);
+    // Capacity, counted inside the claim's own transaction.
+    fit_to_capacity(lc.txn(), &mut takers).await?;
+    let room: usize = takers.iter().flatten().map(|t| t.room).sum();
+    let postgres = env.store.is_postgres();
     let window = room as u64 + WINDOW_SLACK;
     let mut left = room;
-    let mut next = 0usize; // round robin over the claims
-    let mut offset = 0u64;
-    while left > 0 && offset < MAX_CANDIDATES {
-        let mut q = job::Entity::find()
-            .filter(job::Column::Status.eq(pb::JobStatus::Queued as i32))
-            .filter(job::Column::Queue.is_in(queues.clone()))
-            .filter(job::Column::Executor.is_in(executors.clone()))
-            .filter(job::Column::NotBefore.lte(lc.now))
+    let mut claimed = 0usize;
+    let mut next = 0usize; // round robin over the takers
+    let mut seen = 0u64;
+    let mut cursor: Option<(i32, Uuid)> = None;
+    // Keys taken in this transaction: later candidates with them wait.
+    let mut keys: HashSet<String> = HashSet::new();
+    while left > 0 && seen < MAX_CANDIDATES {
+        let mut q = job::Entity::find().filter(dispatchable());
+        if let Some((priority, id)) = cursor {
+            // Keyset: after the last candidate in (priority desc, id asc) order.
+            q = q.filter(
+                Condition::any()
+                    .add(job::Column::Priority.lt(priority))
+                    .add(
+                        Condition::all()
+                            .add(job::Column::Priority.eq(priority))
+                            .add(job::Column::Id.gt(id)),
+                    ),
+            );
+        }
+        q = q
             .order_by_desc(job::Column::Priority)
             .order_by_asc(job::Column::Id)
-            .offset(offset)
             .limit(window);
         if postgres {
             q = q.lock_with_behavior(LockType::Update, LockBehavior::SkipLocked);
         }
         let candidates = q.all(lc.txn()).await?;
-        let seen = candidates.len() as u64;
+        let count = candidates.len() as u64;
+        seen += count;
         for candidate in candidates {
+            cursor = Some((candidate.priority, candidate.id));
             if left == 0 {
                 break;
             }
-            let spec: pb::JobSpec = decode(&candidate.spec)?;
-            let n = claims.len();
-            let Some(taker) = (0..n).map(|k| (next + k) % n).find(|&i| {
-                claims[i]
-                    .as_ref()
-                    .is_some_and(|w| w.takes(&candidate, &spec))
+            if candidate
+                .lock_key
+                .as_ref()
+                .is_some_and(|k| keys.contains(k))
+            {
+                continue;
+            }
+            let Ok(spec) = pb::JobSpec::decode(candidate.spec.as_slice()) else {
+                tracing::error!(job = %candidate.id, "a queued job's stored spec does not decode; it cannot be dispatched");
+                continue;
+            };
+            let size = spec.encoded_len() + ASSIGNMENT_OVERHEAD;
+            let n = takers.len();
+            let Some(i) = (0..n).map(|k| (next + k) % n).find(|&i| {
+                takers[i].as_ref().is_ok_and(|t| {
+                    t.takes(&candidate, &spec) && (t.got.is_empty() || size <= t.bytes_left)
+                })
             }) else {
                 continue;
             };
-            let job_id = candidate.id;
-            let lock_key = candidate.lock_key.clone();
-            // Read just now in this transaction (and locked on PostgreSQL): no second read.
-            lc.adopt_job(candidate);
-            // The attempt's lease is decided first: the lock row names it.
-            let lease_id = Uuid::now_v7();
-            if let Some(key) = &lock_key {
-                let taken = lock::Entity::insert(sea_orm::IntoActiveModel::into_active_model(
-                    lock::Model {
-                        lock_key: key.clone(),
-                        job_id,
-                        lease_id,
-                    },
-                ))
-                .on_conflict(
-                    OnConflict::column(lock::Column::LockKey)
-                        .do_nothing()
-                        .to_owned(),
-                )
-                .exec_without_returning(lc.txn())
-                .await?;
-                if taken == 0 {
-                    continue; // held by another claimed job: this one waits.
-                }
-            }
-            let Some(want) = claims[taker].as_mut() else {
+            let Ok(taker) = takers[i].as_mut() else {
                 continue;
             };
-            let attempt = lc.start_attempt(job_id, want.runner.id, lease_id)?;
-            want.got.push(pb::Assignment {
+            let view = job_view(&candidate);
+            let lease = Uuid::now_v7();
+            let Ok(decision) = state::claim(&view, taker.id, lease, lc.now, env.rules.lease_ms)
+            else {
+                continue;
+            };
+            let Some(start) = decision.start.clone() else {
+                continue;
+            };
+            if let Some(key) = &candidate.lock_key {
+                // Decided; the lock is taken before the decision is applied, and an apply
+                // that failed after it would fail the whole transaction (no stale lock).
+                if !locks::try_take(lc.txn(), key, candidate.id, lease).await? {
+                    continue; // another replica took it meanwhile
+                }
+                keys.insert(key.clone());
+            }
+            let job_id = candidate.id;
+            // Read just now in this transaction (and locked on PostgreSQL): no second read.
+            lc.adopt_job(candidate);
+            lc.apply(decision)?;
+            taker.got.push(pb::Assignment {
                 job_id: job_id.to_string(),
-                lease_id: attempt.lease_id.to_string(),
-                attempt: u32::try_from(attempt.number).unwrap_or_default(),
+                lease_id: lease.to_string(),
+                attempt: start.number,
                 spec: Some(spec),
-                lease_expires_at_unix_ms: attempt.lease_expires_at,
-                deadline_unix_ms: attempt.deadline_at,
+                lease_expires_at_unix_ms: start.lease_expires_at,
+                deadline_unix_ms: start.deadline_at,
             });
-            want.room -= 1;
+            taker.bytes_left = taker.bytes_left.saturating_sub(size);
+            taker.room -= 1;
+            if taker.bytes_left < ASSIGNMENT_OVERHEAD {
+                taker.room = 0;
+            }
             left -= 1;
-            next = taker + 1;
+            claimed += 1;
+            next = i + 1;
         }
-        if seen < window {
+        if count < window {
             break;
         }
-        offset += seen;
     }
-    if left == room {
+    if claimed == 0 {
         // Nothing changed: release the transaction (and the SQLite gate) without writing.
         drop(lc);
         wtx.txn.rollback().await?;
-        return Ok(answer(claims));
+        return Ok(answer(takers));
     }
     let signals = lc.flush().await?;
-    wtx.commit().await?;
-    app.hub.publish(signals);
-    Ok(answer(claims))
+    env.commit(wtx, signals).await?;
+    Ok(answer(takers))
 }
 
-/// Takes back claims whose assignments could not be sent (see `Lifecycle::undo_claim`).
-pub async fn return_undelivered(app: &App, leases: Vec<Uuid>) -> Result<()> {
+/// Lowers each taker's room to what its capacity leaves free.
+async fn fit_to_capacity(
+    db: &impl sea_orm::ConnectionTrait,
+    takers: &mut [Result<Taker>],
+) -> Result<()> {
+    let asking: Vec<Uuid> = takers
+        .iter()
+        .flatten()
+        .filter(|t| t.room > 0)
+        .map(|t| t.id)
+        .collect();
+    let held = capacity::held(db, &asking).await?;
+    for t in takers.iter_mut().flatten() {
+        t.room = capacity::room(t.capacity, held.get(&t.id).copied().unwrap_or(0), t.room);
+    }
+    Ok(())
+}
+
+/// Takes back claims whose assignments could not be sent (see [`state::take_back`]).
+pub async fn return_undelivered(env: &Env, runner: Uuid, leases: Vec<Uuid>) -> Result<()> {
     if leases.is_empty() {
         return Ok(());
     }
-    let wtx = app.store.write().await?;
-    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
+    let wtx = env.store.write().await?;
+    let mut lc = env.lifecycle(&wtx);
     lc.load_attempts(leases.iter().copied()).await?;
     for lease in leases {
-        lc.undo_claim(lease).await?;
+        let why = format!("the assignment never reached runner {runner}; queued again");
+        if let Err(e) = lc.take_back(lease, why) {
+            tracing::warn!(%lease, error = %e, "could not take back an undelivered claim");
+        }
     }
     let signals = lc.flush().await?;
-    wtx.commit().await?;
-    app.hub.publish(signals);
-    Ok(())
+    env.commit(wtx, signals).await
 }
 
 /// Long-poll claim: waits up to `wait` for work, woken by the hub.
 pub async fn claim_wait(
-    app: &App,
+    claimer: &Claimer,
+    hub: &crate::signals::Hub,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
     runner_id: Uuid,
     max: usize,
-    wait: Duration,
+    wait: std::time::Duration,
 ) -> Result<Vec<pb::Assignment>> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut work = app.hub.subscribe_work();
-    let mut shutdown = app.shutdown.clone();
+    let mut work = hub.subscribe_work();
     loop {
         work.borrow_and_update();
-        let profile = profile(app, runner_id).await?;
-        // Never more than the registered capacity, counting what it already holds.
-        let active = attempt::Entity::find()
-            .filter(attempt::Column::RunnerId.eq(runner_id))
-            .filter(attempt::Column::FinishedAt.is_null())
-            .count(app.store.db())
-            .await?;
-        let room = u64::from(profile.capacity).saturating_sub(active);
-        let max = max.min(usize::try_from(room).unwrap_or(0));
-        let got = if max == 0 {
-            Vec::new()
-        } else {
-            app.claimer.call((runner_id, max)).await?
-        };
+        let got = claimer.call((runner_id, max)).await?;
         if !got.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(got);
         }
         tokio::select! {
             _ = work.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
-            _ = crate::events::stopped(&mut shutdown) => return Ok(Vec::new()),
+            _ = crate::signals::stopped(&mut shutdown) => return Ok(Vec::new()),
         }
     }
 }

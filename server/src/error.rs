@@ -1,9 +1,6 @@
-//! The server's one error type and its one mapping to `tonic::Status`.
-//!
-//! Domain code returns [`Error`]; services turn it into a status with `?` through the
-//! `From` impl below. Bad input names the field and the rule that was broken.
-use tonic::{Code, Status};
-use tonic_types::StatusExt;
+//! The server's one error type. Domain code returns [`Error`]; `service::status` maps it to a
+//! `tonic::Status`, once, for every service and stream. Bad input names the field and the
+//! rule that was broken.
 
 /// Everything that can go wrong inside the server.
 #[derive(Debug, thiserror::Error)]
@@ -17,19 +14,27 @@ pub enum Error {
     /// The request is valid but the current state forbids it (e.g. a stale lease).
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The caller is authenticated but may not touch this (another runner's attempt).
+    /// The caller is known but may not do this (another runner's attempt, a token of the
+    /// wrong kind).
     #[error("{0}")]
     PermissionDenied(String),
-    /// No valid credential.
+    /// No valid credential (missing, unknown, revoked, or its runner no longer exists).
     #[error("{0}")]
     Unauthenticated(String),
+    /// Something is larger than the server accepts.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Not done because of something else that happened first (an earlier report of the
+    /// same attempt was refused; a newer session replaced this one): the caller may try again.
+    #[error("{0}")]
+    Aborted(String),
     /// The database could not be reached or refused the statement.
     #[error("database error: {0}")]
     Database(#[from] sea_orm::DbErr),
     /// The server is shutting down or overloaded.
     #[error("{0}")]
     Unavailable(String),
-    /// Stored data could not be decoded: a bug or a corrupted row.
+    /// Stored data could not be decoded, or an invariant broke: a bug or a corrupted row.
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -46,8 +51,23 @@ impl Error {
         }
     }
 
+    /// A runner that does not exist (never did, or retention deleted it): its credential is
+    /// refused and it must register again (see `runners::state`).
+    pub fn unknown_runner(id: uuid::Uuid) -> Self {
+        Error::Unauthenticated(format!(
+            "runner {id} is not registered (it may have been deleted after being offline): register again"
+        ))
+    }
+
+    /// A runner whose credential was revoked (it deregistered): refused; register again.
+    pub fn revoked_runner(id: uuid::Uuid) -> Self {
+        Error::Unauthenticated(format!(
+            "the credential of runner {id} was revoked (the runner deregistered): register again"
+        ))
+    }
+
     /// The same error again, for each of several callers answered by one failed operation
-    /// (a database error keeps its code and message, not its source).
+    /// (a database error keeps its message, not its source).
     pub fn duplicate(&self) -> Self {
         match self {
             Error::Invalid { field, rule } => Error::invalid(field.clone(), rule.clone()),
@@ -55,22 +75,11 @@ impl Error {
             Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
             Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
             Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::Aborted(m) => Error::Aborted(m.clone()),
             Error::Database(e) => Error::Unavailable(format!("database error: {e}")),
             Error::Unavailable(m) => Error::Unavailable(m.clone()),
             Error::Internal(m) => Error::Internal(m.clone()),
-        }
-    }
-
-    /// The gRPC code this error maps to.
-    pub fn code(&self) -> Code {
-        match self {
-            Error::Invalid { .. } => Code::InvalidArgument,
-            Error::NotFound(_) => Code::NotFound,
-            Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::PermissionDenied(_) => Code::PermissionDenied,
-            Error::Unauthenticated(_) => Code::Unauthenticated,
-            Error::Database(_) | Error::Unavailable(_) => Code::Unavailable,
-            Error::Internal(_) => Code::Internal,
         }
     }
 }
@@ -78,26 +87,5 @@ impl Error {
 impl From<prost::DecodeError> for Error {
     fn from(e: prost::DecodeError) -> Self {
         Error::Internal(format!("stored protobuf could not be decoded: {e}"))
-    }
-}
-
-impl From<Error> for Status {
-    fn from(e: Error) -> Status {
-        match &e {
-            Error::Invalid { field, rule } => {
-                let mut details = tonic_types::ErrorDetails::new();
-                details.add_bad_request_violation(field.clone(), rule.clone());
-                Status::with_error_details(Code::InvalidArgument, e.to_string(), details)
-            }
-            Error::Database(db) => {
-                tracing::warn!(error = %db, "database error answered as UNAVAILABLE");
-                Status::unavailable(e.to_string())
-            }
-            Error::Internal(_) => {
-                tracing::error!(error = %e, "internal error");
-                Status::internal(e.to_string())
-            }
-            _ => Status::new(e.code(), e.to_string()),
-        }
     }
 }

@@ -7,18 +7,24 @@
 //! sessions end, in-flight calls finish, the pool closes.
 pub mod auth;
 pub mod batch;
+pub mod capacity;
+pub mod clock;
+pub mod commands;
 pub mod config;
 pub mod dispatch;
 pub mod error;
-pub mod events;
 pub mod jobs;
 pub mod leases;
-pub mod lifecycle;
+pub mod locks;
+pub mod logs;
+pub mod reaper;
 pub mod replicas;
 pub mod reports;
+pub mod retention;
 pub mod runners;
 pub mod service;
-pub mod session;
+pub mod signals;
+pub mod stats;
 pub mod store;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -31,13 +37,13 @@ use tonic_health::ServingStatus;
 
 pub use config::Config;
 
-/// Everything a request handler or background task needs. Cheap to clone.
+/// The composition root: everything the gRPC services need, built once by [`start`]. Domain
+/// modules never see it; each takes only what it uses (the [`jobs::lifecycle::Env`] of a unit of
+/// work, a database handle, a group-commit handle). Cheap to clone.
 #[derive(Clone)]
 pub struct App {
-    /// The database.
-    pub store: store::Store,
-    /// Change signals (local, and across replicas on PostgreSQL).
-    pub hub: Arc<events::Hub>,
+    /// Store, signal hub, clock and rules: what a unit of work needs.
+    pub env: jobs::lifecycle::Env,
     /// The configuration the server started with.
     pub config: Arc<Config>,
     /// Token checks.
@@ -49,18 +55,54 @@ pub struct App {
     /// The group-committing claimer (dispatch for every runner).
     pub claimer: dispatch::Claimer,
     /// The group-committing heartbeat writer.
-    pub heartbeats: leases::Heartbeats,
+    pub heartbeats: runners::heartbeats::Heartbeats,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
 
 impl App {
-    /// Lifecycle timing rules from the configuration.
-    pub fn rules(&self) -> lifecycle::Rules {
-        lifecycle::Rules {
-            lease_ms: i64::from(self.config.lease_seconds) * 1000,
+    /// What followers of a job's events or logs need.
+    pub fn follow(&self) -> signals::Follow {
+        signals::Follow {
+            db: self.env.store.db().clone(),
+            hub: self.env.hub.clone(),
+            shutdown: self.shutdown.clone(),
         }
     }
+
+    /// Lease length, ms.
+    pub fn lease_ms_u32(&self) -> u32 {
+        self.config.lease_seconds.saturating_mul(1000)
+    }
+
+    /// How often runners heartbeat, ms: a third of the lease.
+    pub fn heartbeat_ms(&self) -> u32 {
+        (self.lease_ms_u32() / 3).max(1)
+    }
+
+    /// The same in whole seconds (at least 1), for runners that read only that field.
+    pub fn heartbeat_seconds(&self) -> u32 {
+        (self.config.lease_seconds / 3).max(1)
+    }
+
+    /// The sizes the server accepts, as runners are told.
+    pub fn limits(&self) -> pb::Limits {
+        pb::Limits {
+            max_message_bytes: self.config.max_message_bytes,
+            max_log_data_bytes: max_log_data_bytes(&self.config),
+            max_held_leases: u32::try_from(leases::MAX_HELD).unwrap_or(u32::MAX),
+            max_reports_per_call: u32::try_from(service::runner::MAX_REPORTS_PER_CALL)
+                .unwrap_or(u32::MAX),
+            session_silence_ms: self.heartbeat_ms().saturating_mul(2),
+        }
+    }
+}
+
+/// Largest log data of one report: 1 MiB, or half the message limit when that is smaller
+/// (a report must fit in a message with room to spare).
+fn max_log_data_bytes(config: &Config) -> u32 {
+    let most = u32::try_from(logs::MAX_LOG_DATA_BYTES).unwrap_or(u32::MAX);
+    most.min(config.max_message_bytes / 2)
 }
 
 /// A server started by [`start`].
@@ -136,17 +178,36 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     }
     let api_tokens = config.api_tokens.clone();
 
-    let store = store::Store::connect(&config.database_url)
+    let store = store::Store::connect_with(&config.database_url, config.sqlite_synchronous)
         .await
         .with_context(|| format!("opening database {}", redact(&config.database_url)))?;
+    let clock = clock::Clock::skewed(config.clock_skew_ms);
+    if store.is_postgres() {
+        // Replicas agree on lease times through the database's clock.
+        let offset = clock
+            .sync_with(&store)
+            .await
+            .context("reading the database's clock")?;
+        tracing::info!(offset_ms = offset, "clock follows the database's");
+    }
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ingester, ingest_rx) = reports::Ingester::channel(1024);
     let (submitter, submit_rx) = jobs::submit::Submitter::channel(4096);
     let (claimer, claim_rx) = dispatch::Claimer::channel(4096);
-    let (heartbeats, beat_rx) = leases::Heartbeats::channel(4096);
-    let app = App {
+    let (heartbeats, beat_rx) = runners::heartbeats::Heartbeats::channel(4096);
+    let env = jobs::lifecycle::Env {
         store: store.clone(),
-        hub: Arc::new(events::Hub::default()),
+        hub: Arc::new(signals::Hub::default()),
+        clock: clock.clone(),
+        rules: jobs::lifecycle::Rules {
+            lease_ms: i64::from(config.lease_seconds) * 1000,
+            max_log_bytes_per_job: config.max_log_bytes_per_job,
+            max_events_per_job: config.max_events_per_job,
+            max_log_data_bytes: max_log_data_bytes(&config) as usize,
+        },
+    };
+    let app = App {
+        env: env.clone(),
         auth: Arc::new(auth::Auth::new(&registration_token, &api_tokens)),
         config: Arc::new(config.clone()),
         ingester,
@@ -155,13 +216,32 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         heartbeats,
         shutdown: shutdown_rx.clone(),
     };
-    reports::start(app.clone(), ingest_rx);
-    jobs::submit::start(app.clone(), submit_rx);
-    dispatch::start_claimer(app.clone(), claim_rx);
-    leases::start_heartbeats(app.clone(), beat_rx);
-    let mut tasks = vec![tokio::spawn(leases::run_reaper(app.clone()))];
+    reports::start(env.clone(), ingest_rx);
+    jobs::submit::start(env.clone(), submit_rx);
+    dispatch::start_claimer(env.clone(), config.max_message_bytes as usize, claim_rx);
+    runners::heartbeats::start(env.clone(), beat_rx);
+    let reaping = reaper::Settings {
+        interval: Duration::from_millis(config.reap_interval_ms),
+        timeout_grace_ms: i64::from(config.timeout_grace_seconds) * 1000,
+        retention_ms: i64::try_from(config.retention_seconds.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+    };
+    let mut tasks = vec![tokio::spawn(reaper::run(
+        env.clone(),
+        reaping,
+        shutdown_rx.clone(),
+    ))];
     if store.is_postgres() {
-        tasks.push(tokio::spawn(replicas::run(app.clone())));
+        tasks.push(tokio::spawn(replicas::run(
+            store.clone(),
+            env.hub.clone(),
+            shutdown_rx.clone(),
+        )));
+        tasks.push(tokio::spawn(clock::follow_database(
+            clock,
+            store.clone(),
+            shutdown_rx.clone(),
+        )));
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -198,6 +278,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+    let limit = config.max_message_bytes as usize;
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let cert = tokio::fs::read(cert)
             .await
@@ -210,18 +291,26 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
             .context("TLS configuration")?;
     }
     let router = builder
+        .layer(service::status::RemapLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(pb::job_service_server::JobServiceServer::new(
-            service::jobs::JobApi(app.clone()),
-        ))
-        .add_service(pb::runner_service_server::RunnerServiceServer::new(
-            service::runner::RunnerApi(app.clone()),
-        ))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(
-            service::admin::AdminApi(app.clone()),
-        ));
+        .add_service(
+            pb::job_service_server::JobServiceServer::new(service::jobs::JobApi(app.clone()))
+                .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::runner_service_server::RunnerServiceServer::new(service::runner::RunnerApi(
+                app.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(service::admin::AdminApi(
+                app.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        );
     let mut stop = shutdown_rx;
     // No Nagle: a session's small frames (an assignment, a cancel, an ack) go out at once
     // instead of waiting for the peer's delayed ACK (tens of milliseconds).
@@ -229,7 +318,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
     let serve = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
-        let _ = crate::events::stopped(&mut stop).await;
+        let _ = crate::signals::stopped(&mut stop).await;
     }));
     tracing::info!(%addr, postgres = store.is_postgres(), "gantry-server listening");
     Ok(RunningServer {
@@ -264,7 +353,7 @@ async fn serve_health(
         let served = tonic::transport::Server::builder()
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, async move {
-                let _ = crate::events::stopped(&mut stop).await;
+                let _ = crate::signals::stopped(&mut stop).await;
             })
             .await;
         if let Err(e) = served {
@@ -293,7 +382,7 @@ async fn probe_health(
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = crate::events::stopped(&mut shutdown) => {
+            _ = crate::signals::stopped(&mut shutdown) => {
                 for name in SERVICES.iter().chain([&LIVENESS]) {
                     reporter.set_service_status(*name, ServingStatus::NotServing).await;
                 }
@@ -310,7 +399,7 @@ async fn set_health(
     reporter: &tonic_health::server::HealthReporter,
     last: Option<ServingStatus>,
 ) -> ServingStatus {
-    let status = if app.store.ping().await {
+    let status = if app.env.store.ping().await {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing

@@ -4,13 +4,16 @@
 //!
 //! Payload: `<origin>|<item>,<item>…` where an item is `j<uuid>` (job changed), `r<uuid>`
 //! (runner has commands) or `w` (work available). A replica ignores its own notifications.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use sea_orm::sqlx::{self, postgres::PgListener};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use crate::{App, events::Signals};
+use crate::{
+    signals::{Hub, Signals, stopped},
+    store::Store,
+};
 
 /// The channel name.
 const CHANNEL: &str = "gantry_signals";
@@ -18,54 +21,53 @@ const CHANNEL: &str = "gantry_signals";
 const MAX_PAYLOAD: usize = 7000;
 
 /// Runs both directions until shutdown.
-pub async fn run(app: App) {
+pub async fn run(store: Store, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
     let origin = Uuid::now_v7().simple().to_string();
     let (tx, rx) = mpsc::channel(1024);
-    app.hub.set_outbound(tx);
-    let sender = tokio::spawn(send_loop(app.clone(), origin.clone(), rx));
-    let mut shutdown = app.shutdown.clone();
+    hub.set_outbound(tx);
+    let sender = tokio::spawn(send_loop(store.clone(), origin.clone(), rx));
     loop {
         tokio::select! {
-            r = listen(&app, &origin) => {
+            r = listen(&store, &hub, &origin) => {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "replica notifications interrupted; reconnecting");
                 }
             }
-            _ = crate::events::stopped(&mut shutdown) => break,
+            _ = stopped(&mut shutdown) => break,
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = crate::events::stopped(&mut shutdown) => break,
+            _ = stopped(&mut shutdown) => break,
         }
     }
     sender.abort();
 }
 
-async fn listen(app: &App, origin: &str) -> Result<(), sqlx::Error> {
-    let pool = app.store.db().get_postgres_connection_pool();
+async fn listen(store: &Store, hub: &Hub, origin: &str) -> Result<(), sqlx::Error> {
+    let pool = store.db().get_postgres_connection_pool();
     let mut listener = PgListener::connect_with(pool).await?;
     listener.listen(CHANNEL).await?;
     // Anything may have happened while we were not listening.
-    app.hub.publish_local(&Signals {
+    hub.publish_local(&Signals {
         work: true,
         ..Default::default()
     });
     loop {
         let n = listener.recv().await?;
         if let Some(signals) = parse(n.payload(), origin) {
-            app.hub.publish_local(&signals);
+            hub.publish_local(&signals);
         }
     }
 }
 
-async fn send_loop(app: App, origin: String, mut rx: mpsc::Receiver<Signals>) {
+async fn send_loop(store: Store, origin: String, mut rx: mpsc::Receiver<Signals>) {
     while let Some(first) = rx.recv().await {
         let mut signals = first;
         while let Ok(more) = rx.try_recv() {
             signals.merge(more);
         }
         for payload in encode(&signals, &origin) {
-            let pool = app.store.db().get_postgres_connection_pool();
+            let pool = store.db().get_postgres_connection_pool();
             if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(CHANNEL)
                 .bind(&payload)

@@ -217,10 +217,17 @@ impl TestServer {
 
     /// Another server (a replica) on the same database.
     pub async fn replica(&self) -> RunningServer {
+        self.replica_with(|_| {}).await
+    }
+
+    /// A replica whose configuration the test adjusts.
+    pub async fn replica_with(&self, adjust: impl FnOnce(&mut Config)) -> RunningServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
-        gantry_server::start(self.config.clone(), listener)
+        let mut config = self.config.clone();
+        adjust(&mut config);
+        gantry_server::start(config, listener)
             .await
             .expect("replica starts")
     }
@@ -450,15 +457,41 @@ impl TestRunner {
         );
     }
 
+    /// The same runner talking to the server (or replica) at `url`.
+    pub async fn reconnect_to(&mut self, url: &str) {
+        self.client = RunnerServiceClient::with_interceptor(
+            channel(url).await,
+            Bearer::new(&self.credential),
+        );
+    }
+
+    /// The same runner (same credential, same report sequences) on a second connection, to
+    /// the server or replica at `url`.
+    pub async fn clone_on(&self, url: &str) -> TestRunner {
+        TestRunner {
+            id: self.id.clone(),
+            credential: self.credential.clone(),
+            client: RunnerServiceClient::with_interceptor(
+                channel(url).await,
+                Bearer::new(&self.credential),
+            ),
+            seq: self.seq.clone(),
+        }
+    }
+
     /// Heartbeats every 500 ms (well inside the tests' 3 s lease) until the handle is
-    /// aborted: the runner stays alive without reporting anything.
-    pub fn keep_alive(&self) -> tokio::task::JoinHandle<()> {
+    /// aborted, saying it holds `held` (a heartbeat's `held` is the runner's whole account:
+    /// attempts it leaves out are given up): the runner stays alive without reporting.
+    pub fn keep_alive(&self, held: &[&pb::Assignment]) -> tokio::task::JoinHandle<()> {
         let mut client = self.client.clone();
+        let held: Vec<pb::LeaseRef> = held.iter().map(|a| lease_ref(a)).collect();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let _ = client.heartbeat(pb::HeartbeatRequest::default()).await;
+                let _ = client
+                    .heartbeat(pb::HeartbeatRequest { held: held.clone() })
+                    .await;
             }
         })
     }
@@ -531,6 +564,7 @@ impl TestRunner {
             kind: Some(pb::session_request::Kind::Hello(pb::Hello {
                 free_slots,
                 held,
+                ..Default::default()
             })),
         })
         .await
@@ -597,6 +631,14 @@ impl Session {
                 _ => continue,
             }
         }
+    }
+}
+
+/// The (job, lease) of an assignment, as `held` lists it.
+pub fn lease_ref(a: &pb::Assignment) -> pb::LeaseRef {
+    pb::LeaseRef {
+        job_id: a.job_id.clone(),
+        lease_id: a.lease_id.clone(),
     }
 }
 

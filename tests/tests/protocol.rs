@@ -226,10 +226,15 @@ async fn lost_lease_retries_and_second_attempt_succeeds(db: Db) {
         pb::FailureKind::RunnerLost as i32
     );
 
-    // Without attempts left, a lost lease fails the job with runner_lost.
+    // Without attempts left, a lost lease fails the job with runner_lost (once the runner
+    // has reported on it: see a_claim_its_runner_never_received_does_not_count).
     let id = submit(&mut jobs, sh("echo once")).await;
     let a = second.claim_one().await;
     assert_eq!(a.job_id, id);
+    second
+        .report(&a, status(JobStatus::Running))
+        .await
+        .expect("running");
     wait_for_status(&mut jobs, &id, JobStatus::Failed).await;
     let job = get(&mut jobs, &id).await;
     assert_eq!(job.failure_kind, pb::FailureKind::RunnerLost as i32);
@@ -497,6 +502,10 @@ async fn lock_keys_serialize_and_release_on_every_end(db: Db) {
         .expect("canceled");
     let a4 = runner.claim_one().await;
     assert_eq!(a4.job_id, ids[3]);
+    runner
+        .report(&a4, status(JobStatus::Running))
+        .await
+        .expect("running");
     // Released on lease loss.
     wait_for_status(&mut jobs, &ids[3], JobStatus::Failed).await;
     let a5 = runner.claim_one().await;
@@ -716,7 +725,7 @@ async fn server_enforces_timeouts(db: Db) {
         .await
         .expect("running");
     // The runner keeps its lease alive but never reports an end: the server times it out.
-    let beat = runner.keep_alive();
+    let beat = runner.keep_alive(&[&a]);
     wait_for_status(&mut jobs, &id, JobStatus::TimedOut).await;
     beat.abort();
     let job = get(&mut jobs, &id).await;
@@ -1000,6 +1009,10 @@ async fn a_runner_that_reconnects_without_its_work_loses_it_at_once(db: Db) {
     });
     let id = submit(&mut jobs, spec).await;
     let a1 = runner.claim_one().await;
+    runner
+        .report(&a1, status(JobStatus::Running))
+        .await
+        .expect("running");
     // The runner restarted and lost its work: its hello holds nothing.
     let mut session = runner.session(1, vec![]).await;
     let a2 = session.next_assignment().await;
@@ -1027,7 +1040,7 @@ async fn a_cancel_a_live_runner_never_confirms_ends_canceled(db: Db) {
         .await
         .expect("running");
     // The runner stays alive (heartbeats keep its lease) but never confirms the cancel.
-    let beat = runner.keep_alive();
+    let beat = runner.keep_alive(&[&a]);
     jobs.cancel_job(pb::CancelJobRequest {
         job_id: id.clone(),
         reason: String::new(),
@@ -1130,7 +1143,8 @@ async fn a_refused_report_stops_the_rest_of_its_batch(db: Db) {
         "{}",
         rejected[0].message
     );
-    assert_eq!(rejected[1].code, tonic::Code::FailedPrecondition as i32);
+    // Not applied because of the refusal before it: ABORTED, "send it again".
+    assert_eq!(rejected[1].code, tonic::Code::Aborted as i32);
     assert!(
         logs(&mut jobs, &id).await.0.is_empty(),
         "nothing after the refused report was stored"
@@ -1146,6 +1160,10 @@ async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) 
     let held = submit(&mut jobs, sh("sleep 60")).await;
     let assignment = runner.claim_one().await;
     assert_eq!(assignment.job_id, held);
+    runner
+        .report(&assignment, status(JobStatus::Running))
+        .await
+        .expect("running");
     let session = runner
         .session(
             1,
@@ -1163,9 +1181,9 @@ async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) 
     // The drain is applied in order: a heartbeat answered after it proves it.
     let mut session = session;
     session
-        .send(pb::session_request::Kind::Heartbeat(
-            pb::HeartbeatRequest::default(),
-        ))
+        .send(pb::session_request::Kind::Heartbeat(pb::HeartbeatRequest {
+            held: vec![lease_ref(&assignment)],
+        }))
         .await;
     loop {
         if let Out::HeartbeatAck(_) = session.next().await {
@@ -1192,6 +1210,16 @@ async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) 
         .expect("claim")
         .into_inner();
     assert!(none.assignments.is_empty());
+    // Bad input changes nothing.
+    let err = runner
+        .client
+        .deregister(pb::DeregisterRequest {
+            reason: "x".repeat(2000),
+        })
+        .await
+        .expect_err("too long");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("reason"), "{}", err.message());
     let gone = runner
         .client
         .deregister(pb::DeregisterRequest {
@@ -1221,16 +1249,6 @@ async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) 
         get(&mut jobs, &waiting).await.status,
         JobStatus::Queued as i32
     );
-    // Bad input changes nothing.
-    let err = runner
-        .client
-        .deregister(pb::DeregisterRequest {
-            reason: "x".repeat(2000),
-        })
-        .await
-        .expect_err("too long");
-    assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("reason"), "{}", err.message());
     server.stop().await;
 }
 
@@ -1243,6 +1261,15 @@ async fn a_silent_session_is_closed(db: Db) {
     let end = tokio::time::timeout(PATIENCE, session.inbound.message())
         .await
         .expect("the server closes a silent session");
-    assert!(matches!(end, Ok(None)), "{end:?}");
+    match end {
+        Err(status) => {
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+            assert!(
+                status.message().contains("two heartbeat intervals"),
+                "{status:?}"
+            );
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
     server.stop().await;
 }

@@ -13,7 +13,6 @@ use std::{sync::Arc, time::Duration};
 
 use futures::future::BoxFuture;
 use gantry_proto as pb;
-use tokio::sync::watch;
 
 use crate::{
     outbox::Outbox,
@@ -26,51 +25,14 @@ const MAX_PHASE_MESSAGE: usize = 1024;
 const MAX_STATUS_MESSAGE: usize = 4096;
 const MAX_CONTAINER_ID: usize = 255;
 
-/// Largest log report the runner makes (the server takes up to 1 MiB).
+/// Largest log report the runner makes from one read of output (smaller still when the
+/// server's limits say so; see `Outbox::max_log_report`).
 const MAX_LOG_REPORT: usize = 256 * 1024;
 
 /// A timer that is not meant to fire (a year).
 pub(crate) const NEVER: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// Why work is being stopped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StopReason {
-    /// A user canceled the job.
-    Cancel,
-    /// The job ran past its timeout.
-    Timeout,
-    /// The runner is draining and the drain grace ran out.
-    Drain,
-    /// The server no longer honours the lease: nothing more is reported.
-    LeaseLost,
-}
-
-/// A request to stop work.
-#[derive(Clone, Debug)]
-pub struct Stop {
-    /// Why.
-    pub reason: StopReason,
-    /// Time between the graceful signal and the kill.
-    pub grace: Duration,
-    /// Detail for the final status message.
-    pub message: String,
-}
-
-/// The stop request of one attempt, if any (first request wins, a lost lease overrides).
-pub type StopSignal = watch::Receiver<Option<Stop>>;
-
-/// Waits until a stop is requested and returns it.
-pub async fn stop_requested(stop: &mut StopSignal) -> Stop {
-    loop {
-        if let Some(s) = stop.borrow_and_update().clone() {
-            return s;
-        }
-        if stop.changed().await.is_err() {
-            // The sender is gone: nobody can ask any more; wait forever.
-            futures::future::pending::<()>().await;
-        }
-    }
-}
+pub use crate::stop::{Stop, StopReason, StopSignal, stop_requested};
 
 /// One attempt to execute.
 #[derive(Clone, Debug)]
@@ -234,7 +196,8 @@ impl Io {
             match piece {
                 Piece::Log { offset, data } => {
                     let mut at = offset;
-                    for part in data.chunks(MAX_LOG_REPORT) {
+                    let max = MAX_LOG_REPORT.min(self.outbox.max_log_report()).max(1);
+                    for part in data.chunks(max) {
                         self.push(pb::report::Body::Log(pb::LogData {
                             stream: stream as i32,
                             offset: at,
@@ -247,5 +210,31 @@ impl Io {
                 Piece::Progress(p) => self.push(pb::report::Body::Progress(p)).await,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Budget;
+
+    #[tokio::test]
+    async fn log_reports_stay_within_the_servers_largest_log_report() {
+        let outbox = Arc::new(Outbox::new(usize::MAX));
+        outbox.set_max_log_report(100);
+        outbox.open("j", "l");
+        let (_stop, stop_rx) = tokio::sync::watch::channel(None);
+        let mut io = Io::new(outbox.clone(), "l", stop_rx);
+        io.output(pb::LogStream::Stdout, &[b'x'; 1000]).await;
+        let reports = outbox.take_unsent(Budget::UNLIMITED);
+        let sizes: Vec<usize> = reports
+            .iter()
+            .map(|r| match &r.body {
+                Some(pb::report::Body::Log(l)) => l.data.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 1000);
+        assert!(sizes.iter().all(|s| *s <= 100), "{sizes:?}");
     }
 }

@@ -1,24 +1,28 @@
-//! Jobs as users see them: submit (with idempotency), read, list, cancel, retry, and the
-//! followers of a job's events and logs. The state machine lives in [`state`]; validation
-//! in [`spec`]; every change goes through [`crate::lifecycle::Lifecycle`].
+//! Jobs: the state machine that decides every change ([`state`]), the unit of work that
+//! applies it ([`lifecycle`]), and jobs as users see them — submit with idempotency
+//! ([`submit`]), validation ([`spec`]), read, list, cancel, retry (here), following a job's
+//! events ([`watch`]) and output ([`output`]).
+pub mod lifecycle;
+pub mod output;
 pub mod spec;
 pub mod state;
 pub mod submit;
-
-use std::time::Duration;
+pub mod watch;
 
 use gantry_proto as pb;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect, sea_query::Query};
-use tokio::sync::{broadcast, mpsc};
-use tonic::Status;
+use prost::Message;
+use sea_orm::{
+    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    sea_query::Query,
+};
 use uuid::Uuid;
 
 use crate::{
-    App,
     error::{Error, Result},
-    lifecycle::{Lifecycle, decode, status_of},
-    store::entity::{attempt, event, job, job_label, log_chunk},
+    jobs::lifecycle::Env,
+    store::entity::{attempt, job, job_label},
 };
+use state::status_of;
 
 /// Parses a UUID from a request field.
 pub fn parse_id(field: &str, value: &str) -> Result<Uuid> {
@@ -32,7 +36,7 @@ pub fn parse_id(field: &str, value: &str) -> Result<Uuid> {
 pub fn to_proto(model: &job::Model, attempts: &[attempt::Model]) -> Result<pb::Job> {
     Ok(pb::Job {
         id: model.id.to_string(),
-        spec: Some(decode(&model.spec)?),
+        spec: Some(pb::JobSpec::decode(model.spec.as_slice())?),
         status: model.status,
         failure_kind: model.failure_kind,
         failure_message: model.failure_message.clone(),
@@ -43,7 +47,11 @@ pub fn to_proto(model: &job::Model, attempts: &[attempt::Model]) -> Result<pb::J
         updated_at_unix_ms: model.updated_at,
         finished_at_unix_ms: model.finished_at.unwrap_or_default(),
         not_before_unix_ms: model.not_before,
-        progress: model.progress.as_deref().map(decode).transpose()?,
+        progress: model
+            .progress
+            .as_deref()
+            .map(pb::Progress::decode)
+            .transpose()?,
         runner_id: model.runner_id.map(|r| r.to_string()).unwrap_or_default(),
         retried_from_job_id: model
             .retried_from
@@ -70,28 +78,25 @@ fn attempt_to_proto(a: &attempt::Model) -> pb::Attempt {
     }
 }
 
-/// Validates and stores a job; an already used idempotency key returns the first job.
-pub async fn submit(app: &App, spec: Option<pb::JobSpec>) -> Result<pb::SubmitJobResponse> {
-    let spec = spec::validate(spec, app.config.default_timeout_seconds)?;
-    app.submitter.call((spec, None)).await
-}
-
 /// One job with its attempts.
-pub async fn get(app: &App, id: Uuid) -> Result<pb::Job> {
+pub async fn get(db: &DatabaseConnection, id: Uuid) -> Result<pb::Job> {
     let model = job::Entity::find_by_id(id)
-        .one(app.store.db())
+        .one(db)
         .await?
         .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     let attempts = attempt::Entity::find()
         .filter(attempt::Column::JobId.eq(id))
         .order_by_asc(attempt::Column::Number)
-        .all(app.store.db())
+        .all(db)
         .await?;
     to_proto(&model, &attempts)
 }
 
 /// A page of jobs, newest first.
-pub async fn list(app: &App, req: pb::ListJobsRequest) -> Result<pb::ListJobsResponse> {
+pub async fn list(
+    db: &DatabaseConnection,
+    req: pb::ListJobsRequest,
+) -> Result<pb::ListJobsResponse> {
     let page_size = match req.page_size {
         0 => 50,
         n @ 1..=1000 => n,
@@ -136,7 +141,7 @@ pub async fn list(app: &App, req: pb::ListJobsRequest) -> Result<pb::ListJobsRes
     let mut rows = q
         .order_by_desc(job::Column::Id)
         .limit(u64::from(page_size) + 1)
-        .all(app.store.db())
+        .all(db)
         .await?;
     let more = rows.len() > page_size as usize;
     rows.truncate(page_size as usize);
@@ -154,24 +159,43 @@ pub async fn list(app: &App, req: pb::ListJobsRequest) -> Result<pb::ListJobsRes
     })
 }
 
-/// Cancels a job (see `CancelJob` in the proto).
-pub async fn cancel(app: &App, id: Uuid, reason: &str) -> Result<pb::Job> {
+/// Cancels a job (see [`state::cancel`]).
+pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
     if reason.len() > 1024 {
         return Err(Error::invalid("reason", "must be at most 1024 bytes"));
     }
-    let wtx = app.store.write().await?;
-    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
-    lc.request_cancel(id, reason).await?;
+    let wtx = env.store.write().await?;
+    let mut lc = env.lifecycle(&wtx);
+    let view = lc.require_job(id).await?;
+    if let Some(lease) = view.current_lease {
+        lc.load_attempts([lease]).await?;
+    }
+    let decision = state::cancel(&view, reason, lc.now, env.rules.lease_ms)?;
+    lc.apply(decision)?;
     let signals = lc.flush().await?;
-    wtx.commit().await?;
-    app.hub.publish(signals);
-    get(app, id).await
+    env.commit(wtx, signals).await?;
+    get(env.store.db(), id).await
+}
+
+/// Submits a validated spec through the group-committing submitter.
+pub async fn submit(
+    submitter: &submit::Submitter,
+    default_timeout_seconds: u32,
+    spec: Option<pb::JobSpec>,
+) -> Result<pb::SubmitJobResponse> {
+    let spec = spec::validate(spec, default_timeout_seconds)?;
+    submitter.call((spec, None)).await
 }
 
 /// Submits the spec of a terminal job again, as a new job.
-pub async fn retry(app: &App, id: Uuid) -> Result<pb::Job> {
+pub async fn retry(
+    db: &DatabaseConnection,
+    submitter: &submit::Submitter,
+    default_timeout_seconds: u32,
+    id: Uuid,
+) -> Result<pb::Job> {
     let original = job::Entity::find_by_id(id)
-        .one(app.store.db())
+        .one(db)
         .await?
         .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     if !state::is_terminal(status_of(original.status)) {
@@ -180,226 +204,11 @@ pub async fn retry(app: &App, id: Uuid) -> Result<pb::Job> {
             status_of(original.status).as_str_name()
         )));
     }
-    let mut spec: pb::JobSpec = decode(&original.spec)?;
+    let mut spec = pb::JobSpec::decode(original.spec.as_slice())?;
     spec.idempotency_key.clear();
-    let spec = spec::validate(Some(spec), app.config.default_timeout_seconds)?;
-    let response = app.submitter.call((spec, Some(id))).await?;
+    let spec = spec::validate(Some(spec), default_timeout_seconds)?;
+    let response = submitter.call((spec, Some(id))).await?;
     response
         .job
         .ok_or_else(|| Error::Internal("submit returned no job".into()))
-}
-
-/// How long a follower waits for a signal before looking at the database anyway. Signals
-/// make followers immediate; this only bounds the cost of a signal lost between replicas.
-const FOLLOW_RECHECK: Duration = Duration::from_secs(2);
-
-/// Waits until `job_id` changes (or a re-check is due, or the server stops).
-/// Returns false when the follower should end.
-async fn wait_for_change(
-    app: &App,
-    rx: &mut broadcast::Receiver<Uuid>,
-    job_id: Uuid,
-    out_closed: &mpsc::Sender<std::result::Result<impl Send, Status>>,
-) -> bool {
-    let mut shutdown = app.shutdown.clone();
-    let wait = async {
-        loop {
-            match rx.recv().await {
-                Ok(id) if id == job_id => return true,
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(_)) => return true,
-                Err(broadcast::error::RecvError::Closed) => return false,
-            }
-        }
-    };
-    tokio::select! {
-        r = wait => r,
-        _ = tokio::time::sleep(FOLLOW_RECHECK) => true,
-        _ = crate::events::stopped(&mut shutdown) => false,
-        _ = out_closed.closed() => false,
-    }
-}
-
-/// Streams a job's events into `tx` (see `WatchJob`). An error ends the stream with its status.
-pub async fn watch(
-    app: App,
-    req: pb::WatchJobRequest,
-    id: Uuid,
-    tx: mpsc::Sender<std::result::Result<pb::JobEvent, Status>>,
-) {
-    if let Err(e) = send_events(&app, &req, id, &tx).await {
-        let _ = tx.send(Err(e.into())).await;
-    }
-}
-
-/// Events per database read.
-const EVENT_PAGE: u64 = 500;
-
-async fn send_events(
-    app: &App,
-    req: &pb::WatchJobRequest,
-    id: Uuid,
-    tx: &mpsc::Sender<std::result::Result<pb::JobEvent, Status>>,
-) -> Result<()> {
-    // Subscribed before the first read, so no change between read and wait is missed.
-    let mut rx = app.hub.subscribe_jobs();
-    let mut after = i64::try_from(req.after_sequence).unwrap_or(i64::MAX);
-    loop {
-        let rows = event::Entity::find()
-            .filter(event::Column::JobId.eq(id))
-            .filter(event::Column::Seq.gt(after))
-            .order_by_asc(event::Column::Seq)
-            .limit(EVENT_PAGE)
-            .all(app.store.db())
-            .await?;
-        let full_page = rows.len() as u64 == EVENT_PAGE;
-        for row in rows {
-            after = row.seq;
-            if tx.send(Ok(decode(&row.body)?)).await.is_err() {
-                return Ok(()); // the client left
-            }
-        }
-        if full_page {
-            continue;
-        }
-        if !req.follow {
-            return Ok(());
-        }
-        let job = job::Entity::find_by_id(id)
-            .one(app.store.db())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-        if state::is_terminal(status_of(job.status)) && after >= job.event_seq {
-            return Ok(());
-        }
-        if !wait_for_change(app, &mut rx, id, tx).await {
-            return Ok(());
-        }
-    }
-}
-
-/// Streams a job's output into `tx` (see `GetLogs`). An error ends the stream with its status.
-pub async fn logs(
-    app: App,
-    req: pb::GetLogsRequest,
-    id: Uuid,
-    tx: mpsc::Sender<std::result::Result<pb::LogChunk, Status>>,
-) {
-    if let Err(e) = send_logs(&app, &req, id, &tx).await {
-        let _ = tx.send(Err(e.into())).await;
-    }
-}
-
-/// Log chunks per database read.
-const LOG_PAGE: u64 = 256;
-
-async fn send_logs(
-    app: &App,
-    req: &pb::GetLogsRequest,
-    id: Uuid,
-    tx: &mpsc::Sender<std::result::Result<pb::LogChunk, Status>>,
-) -> Result<()> {
-    let mut rx = app.hub.subscribe_jobs();
-    // Attempt 0 asks for the latest attempt and, when following, for every later one too:
-    // the stream then ends only when the job is terminal.
-    let follow_retries = req.attempt == 0;
-    let mut number = i32::try_from(req.attempt).unwrap_or(i32::MAX);
-    let mut last_id: i64 = 0;
-    // Offsets apply to the first attempt streamed; a later attempt starts at 0.
-    let (mut stdout_from, mut stderr_from) = (req.stdout_offset, req.stderr_offset);
-    // Set once the followed attempt has ended and all it wrote has been sent.
-    let mut drained = false;
-    loop {
-        let job = job::Entity::find_by_id(id)
-            .one(app.store.db())
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-        let terminal = state::is_terminal(status_of(job.status));
-        if number == 0 {
-            number = job.attempt_count;
-        } else if drained && job.attempt_count > number {
-            // Every byte of this attempt was sent and a retry started: follow it.
-            number += 1;
-            (stdout_from, stderr_from, last_id, drained) = (0, 0, 0, false);
-        }
-        if number == 0 {
-            // No attempt yet.
-            if !req.follow || terminal || !wait_for_change(app, &mut rx, id, tx).await {
-                return Ok(());
-            }
-            continue;
-        }
-        if number > job.attempt_count {
-            return Err(Error::invalid(
-                "attempt",
-                format!("job {id} has {} attempt(s)", job.attempt_count),
-            ));
-        }
-        // Read whether the attempt ended *before* reading its chunks: if it had, this read
-        // sees everything it wrote.
-        let ended = attempt::Entity::find()
-            .filter(attempt::Column::JobId.eq(id))
-            .filter(attempt::Column::Number.eq(number))
-            .one(app.store.db())
-            .await?
-            .is_none_or(|a| a.finished_at.is_some());
-        let mut q = log_chunk::Entity::find()
-            .filter(log_chunk::Column::JobId.eq(id))
-            .filter(log_chunk::Column::Attempt.eq(number))
-            .filter(log_chunk::Column::Id.gt(last_id));
-        if req.stream != 0 {
-            q = q.filter(log_chunk::Column::Stream.eq(req.stream));
-        }
-        let rows = q
-            .order_by_asc(log_chunk::Column::Id)
-            .limit(LOG_PAGE)
-            .all(app.store.db())
-            .await?;
-        let full_page = rows.len() as u64 == LOG_PAGE;
-        for row in rows {
-            last_id = row.id;
-            let from = if row.stream == pb::LogStream::Stdout as i32 {
-                stdout_from
-            } else {
-                stderr_from
-            };
-            let offset = u64::try_from(row.offset).unwrap_or_default();
-            let end = offset + row.data.len() as u64;
-            if end <= from {
-                continue;
-            }
-            let skip = usize::try_from(from.saturating_sub(offset)).unwrap_or(0);
-            let chunk = pb::LogChunk {
-                job_id: id.to_string(),
-                attempt: u32::try_from(row.attempt).unwrap_or_default(),
-                stream: row.stream,
-                offset: offset + skip as u64,
-                data: row.data[skip..].to_vec(),
-                at_unix_ms: row.at,
-            };
-            if tx.send(Ok(chunk)).await.is_err() {
-                return Ok(());
-            }
-        }
-        if full_page {
-            continue;
-        }
-        if !req.follow {
-            return Ok(());
-        }
-        // The attempt is over and all it wrote was sent: done, unless following the job
-        // into a retry that has not ended it yet.
-        if ended && (!follow_retries || terminal) {
-            return Ok(());
-        }
-        if ended {
-            drained = true;
-            if job.attempt_count > number {
-                continue; // the next attempt already exists
-            }
-        }
-        if !wait_for_change(app, &mut rx, id, tx).await {
-            return Ok(());
-        }
-    }
 }

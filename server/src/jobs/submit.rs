@@ -8,15 +8,13 @@
 use std::collections::HashMap;
 
 use gantry_proto as pb;
-use prost::Message;
 use sea_orm::{ColumnTrait, EntityTrait, IntoActiveModel, QueryFilter};
 use uuid::Uuid;
 
 use crate::{
-    App,
     batch::{GroupCommit, Queue},
     error::{Error, Result},
-    lifecycle::Lifecycle,
+    jobs::lifecycle::{Env, new_job},
     store::entity::{job, job_label},
 };
 
@@ -27,18 +25,18 @@ const MAX_PER_COMMIT: usize = 512;
 /// group-committed (see [`crate::batch`]).
 pub type Submitter = GroupCommit<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>;
 
-/// Starts the submitter for `app` on `queue`.
-pub fn start(app: App, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>) {
+/// Starts the submitter on `queue`.
+pub fn start(env: Env, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>) {
     GroupCommit::spawn(queue, "submit", MAX_PER_COMMIT, 1, move |batch| {
-        let app = app.clone();
+        let env = env.clone();
         async move {
-            match commit(&app, &batch).await {
+            match commit(&env, &batch).await {
                 Ok(responses) => Ok(responses.into_iter().map(Ok).collect()),
                 Err(e) => {
                     tracing::debug!(error = %e, size = batch.len(), "submission batch failed; one at a time");
                     let mut answers = Vec::with_capacity(batch.len());
                     for (spec, retried_from) in batch {
-                        answers.push(alone(&app, spec, retried_from).await);
+                        answers.push(alone(&env, spec, retried_from).await);
                     }
                     Ok(answers)
                 }
@@ -50,18 +48,18 @@ pub fn start(app: App, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobRe
 /// One submission on its own. When its idempotency key was stored meanwhile (by another
 /// replica: the unique index refused the insert), it answers with that job.
 async fn alone(
-    app: &App,
+    env: &Env,
     spec: pb::JobSpec,
     retried_from: Option<Uuid>,
 ) -> Result<pb::SubmitJobResponse> {
     let key = spec.idempotency_key.clone();
-    match commit(app, &[(spec, retried_from)]).await {
+    match commit(env, &[(spec, retried_from)]).await {
         Ok(mut r) => r.pop().ok_or_else(|| Error::Internal("no answer".into())),
         Err(e) => {
             if !key.is_empty()
                 && let Some(existing) = job::Entity::find()
                     .filter(job::Column::IdempotencyKey.eq(key))
-                    .one(app.store.db())
+                    .one(env.store.db())
                     .await?
             {
                 return Ok(pb::SubmitJobResponse {
@@ -71,34 +69,6 @@ async fn alone(
             }
             Err(e)
         }
-    }
-}
-
-/// A new job row for a validated spec.
-fn new_job(spec: &pb::JobSpec, retried_from: Option<Uuid>, now: i64) -> job::Model {
-    job::Model {
-        id: Uuid::now_v7(),
-        status: pb::JobStatus::Queued as i32,
-        queue: spec.queue.clone(),
-        priority: spec.priority,
-        executor: spec.executor,
-        lock_key: (!spec.lock_key.is_empty()).then(|| spec.lock_key.clone()),
-        idempotency_key: (!spec.idempotency_key.is_empty()).then(|| spec.idempotency_key.clone()),
-        spec: spec.encode_to_vec(),
-        attempt_count: 0,
-        max_attempts: i32::try_from(spec.retry.as_ref().map_or(1, |r| r.max_attempts)).unwrap_or(1),
-        current_lease: None,
-        runner_id: None,
-        failure_kind: 0,
-        failure_message: String::new(),
-        exit_code: None,
-        progress: None,
-        event_seq: 0,
-        not_before: 0,
-        created_at: now,
-        updated_at: now,
-        finished_at: None,
-        retried_from,
     }
 }
 
@@ -112,7 +82,7 @@ enum Answer {
 
 /// Inserts a batch in one transaction; answers in the batch's order.
 async fn commit(
-    app: &App,
+    env: &Env,
     batch: &[(pb::JobSpec, Option<Uuid>)],
 ) -> Result<Vec<pb::SubmitJobResponse>> {
     let keys: Vec<String> = batch
@@ -124,7 +94,7 @@ async fn commit(
     if !keys.is_empty() {
         for m in job::Entity::find()
             .filter(job::Column::IdempotencyKey.is_in(keys))
-            .all(app.store.db())
+            .all(env.store.db())
             .await?
         {
             if let Some(k) = m.idempotency_key.clone() {
@@ -132,8 +102,8 @@ async fn commit(
             }
         }
     }
-    let wtx = app.store.write().await?;
-    let mut lc = Lifecycle::new(&wtx.txn, app.rules());
+    let wtx = env.store.write().await?;
+    let mut lc = env.lifecycle(&wtx);
     let mut answers = Vec::with_capacity(batch.len());
     let mut fresh: HashMap<String, Uuid> = HashMap::new();
     let mut labels = Vec::new();
@@ -157,20 +127,19 @@ async fn commit(
             }
             .into_active_model()
         }));
-        lc.insert_job(model)?;
+        lc.insert_job(model);
         if !key.is_empty() {
             fresh.insert(key.clone(), id);
         }
         answers.push(Answer::Inserted(id, false));
     }
-    let signals = lc.flush().await?;
     for chunk in labels.chunks(500) {
         job_label::Entity::insert_many(chunk.to_vec())
-            .exec_without_returning(&wtx.txn)
+            .exec_without_returning(lc.txn())
             .await?;
     }
-    wtx.commit().await?;
-    app.hub.publish(signals);
+    let signals = lc.flush().await?;
+    env.commit(wtx, signals).await?;
     // The rows as stored (with their first event), in one read.
     let ids: Vec<Uuid> = answers
         .iter()
@@ -183,7 +152,7 @@ async fn commit(
     for chunk in ids.chunks(500) {
         for m in job::Entity::find()
             .filter(job::Column::Id.is_in(chunk.to_vec()))
-            .all(app.store.db())
+            .all(env.store.db())
             .await?
         {
             rows.insert(m.id, m);

@@ -2,10 +2,25 @@
 use gantry_proto as pb;
 use tonic::{Request, Response, Status};
 
-use crate::{App, jobs::parse_id, runners};
+use super::authorization;
+use crate::{App, jobs::parse_id, runners, stats};
 
 /// AdminService over the shared application state.
 pub struct AdminApi(pub App);
+
+impl AdminApi {
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let app = &self.0;
+        app.auth
+            .client(
+                &app.env.store,
+                authorization(request.metadata()),
+                "AdminService",
+            )
+            .await
+            .map_err(Status::from)
+    }
+}
 
 #[tonic::async_trait]
 impl pb::admin_service_server::AdminService for AdminApi {
@@ -13,9 +28,9 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::ListRunnersRequest>,
     ) -> Result<Response<pb::ListRunnersResponse>, Status> {
-        self.0.auth.client(request.metadata())?;
+        self.authenticate(&request).await?;
         Ok(Response::new(
-            runners::list(&self.0, request.into_inner()).await?,
+            runners::list(self.0.env.store.db(), request.into_inner()).await?,
         ))
     }
 
@@ -23,20 +38,22 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
-        self.0.auth.client(request.metadata())?;
+        self.authenticate(&request).await?;
         let id = parse_id("runner_id", &request.get_ref().runner_id)?;
-        Ok(Response::new(runners::get(&self.0, id).await?))
+        Ok(Response::new(
+            runners::get(self.0.env.store.db(), id).await?,
+        ))
     }
 
     async fn drain_runner(
         &self,
         request: Request<pb::DrainRunnerRequest>,
     ) -> Result<Response<pb::Runner>, Status> {
-        self.0.auth.client(request.metadata())?;
+        self.authenticate(&request).await?;
         let req = request.into_inner();
         let id = parse_id("runner_id", &req.runner_id)?;
         Ok(Response::new(
-            runners::drain(&self.0, id, &req.reason).await?,
+            runners::drain(&self.0.env, id, &req.reason).await?,
         ))
     }
 
@@ -44,7 +61,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         request: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::GetStatsResponse>, Status> {
-        self.0.auth.client(request.metadata())?;
-        Ok(Response::new(runners::stats(&self.0).await?))
+        self.authenticate(&request).await?;
+        Ok(Response::new(stats::stats(self.0.env.store.db()).await?))
     }
 }

@@ -1,8 +1,15 @@
 //! The gRPC services: thin translations from protobuf to domain calls and from domain
-//! errors to `tonic::Status` (through `From<Error>`). Each method authenticates first.
+//! errors to `tonic::Status` (through [`status`], the one mapping). Each method authenticates
+//! first. Only this module knows `tonic`.
 pub mod admin;
 pub mod jobs;
 pub mod runner;
+pub mod session;
+pub mod status;
 
-/// Bound of every server stream's buffer toward a client.
-pub const STREAM_BUFFER: usize = 64;
+use tonic::metadata::MetadataMap;
+
+/// The `authorization` metadata value, when present and ASCII.
+pub fn authorization(meta: &MetadataMap) -> Option<&str> {
+    meta.get("authorization").and_then(|v| v.to_str().ok())
+}

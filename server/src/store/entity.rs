@@ -40,6 +40,10 @@ pub mod job {
         pub updated_at: i64,
         pub finished_at: Option<i64>,
         pub retried_from: Option<Uuid>,
+        /// Log bytes stored for the job, every attempt together (the per-job log limit).
+        pub log_bytes: i64,
+        /// Progress and phase events reached the per-job limit (its event is recorded).
+        pub events_capped: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -98,6 +102,11 @@ pub mod attempt {
         pub stdout_len: i64,
         /// Bytes of stderr stored so far.
         pub stderr_len: i64,
+        /// When a cancel the holder has not confirmed is ended by the server (set when the
+        /// job goes CANCELING: the request time, plus the job's cancel grace, plus a lease).
+        pub cancel_deadline_at: Option<i64>,
+        /// The job's log limit was reached during this attempt (its marker is written).
+        pub log_capped: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -175,6 +184,11 @@ pub mod runner {
         pub command_seq: i64,
         /// Highest command sequence it acknowledged.
         pub acked_command_seq: i64,
+        /// Incremented by every session the runner opens; a session whose epoch is no longer
+        /// the runner's has been replaced by a newer one and ends.
+        pub session_epoch: i64,
+        /// When its credential was revoked (it deregistered); revoked credentials are refused.
+        pub revoked_at: Option<i64>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

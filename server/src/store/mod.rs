@@ -4,10 +4,17 @@
 //! SQLite allows one writer at a time; rather than letting concurrent transactions fail
 //! with SQLITE_BUSY when a read lock must be upgraded, writers queue on an in-process gate.
 //! PostgreSQL needs no gate: rows are locked with `FOR UPDATE` (and `SKIP LOCKED` for claims).
+//!
+//! Durability: the server acknowledges a report to its runner once its transaction has
+//! committed, and the runner then forgets it. So a commit must survive a power loss: SQLite
+//! runs with `synchronous=FULL` (every commit reaches the disk) unless the operator chooses
+//! `NORMAL` (`--sqlite-synchronous normal`: faster, but a power loss — not a crash of the
+//! process — can lose the last commits, reports the runners have already dropped).
 use std::{sync::Arc, time::Duration};
 
 use sea_orm::{
-    ConnectOptions, Database, DatabaseConnection, DatabaseTransaction, DbBackend, TransactionTrait,
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    Statement, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use tokio::sync::{Mutex, OwnedMutexGuard};
@@ -17,6 +24,7 @@ use crate::error::{Error, Result};
 pub mod entity;
 mod m20261121_000001_initial;
 mod m20261121_000002_dispatch_order;
+mod m20261129_000003_fencing_and_limits;
 
 /// The migrations, in order; applied at start-up.
 pub struct Migrator;
@@ -26,6 +34,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261121_000001_initial::Migration),
             Box::new(m20261121_000002_dispatch_order::Migration),
+            Box::new(m20261129_000003_fencing_and_limits::Migration),
         ]
     }
 }
@@ -54,9 +63,42 @@ impl WriteTxn {
     }
 }
 
+/// How SQLite commits (`PRAGMA synchronous`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum SqliteSync {
+    /// Every commit is on disk before it is acknowledged: nothing acknowledged is lost to a
+    /// power loss.
+    #[default]
+    Full,
+    /// WAL commits reach the disk at checkpoints: faster; a power loss can lose the last
+    /// commits (a process crash cannot).
+    Normal,
+}
+
 impl Store {
-    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://…`) and migrates.
+    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://…`) and migrates, with
+    /// SQLite's safe commit mode.
     pub async fn connect(url: &str) -> Result<Store> {
+        Store::connect_with(url, SqliteSync::Full).await
+    }
+
+    /// A private in-memory SQLite database, migrated (unit tests).
+    pub async fn memory() -> Result<Store> {
+        let mut opts = ConnectOptions::new("sqlite::memory:".to_string());
+        // One connection: every statement sees the same in-memory database.
+        opts.sqlx_logging(false)
+            .max_connections(1)
+            .min_connections(1);
+        let db = Database::connect(opts).await?;
+        Migrator::up(&db, None).await?;
+        Ok(Store {
+            db,
+            write_gate: None,
+        })
+    }
+
+    /// Connects to `url` and migrates; `sync` says how SQLite commits.
+    pub async fn connect_with(url: &str, sync: SqliteSync) -> Result<Store> {
         let postgres = url.starts_with("postgres://") || url.starts_with("postgresql://");
         let sqlite = url.starts_with("sqlite:");
         if !postgres && !sqlite {
@@ -72,9 +114,12 @@ impl Store {
         if sqlite {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
             opts.max_connections(8).min_connections(1);
-            opts.map_sqlx_sqlite_opts(|o| {
+            opts.map_sqlx_sqlite_opts(move |o| {
                 o.journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
+                    .synchronous(match sync {
+                        SqliteSync::Full => SqliteSynchronous::Full,
+                        SqliteSync::Normal => SqliteSynchronous::Normal,
+                    })
                     .busy_timeout(Duration::from_secs(10))
                     .create_if_missing(true)
             });
@@ -107,6 +152,38 @@ impl Store {
         };
         let txn = self.db.begin().await?;
         Ok(WriteTxn { txn, _gate: gate })
+    }
+
+    /// The database server's clock, Unix ms (see [`crate::clock`]).
+    pub async fn database_time_ms(&self) -> Result<i64> {
+        let sql = if self.is_postgres() {
+            "SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) AS t"
+        } else {
+            "SELECT CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER) AS t"
+        };
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(self.db.get_database_backend(), sql))
+            .await?
+            .ok_or_else(|| Error::Internal("the database did not tell its time".into()))?;
+        Ok(row.try_get::<i64>("", "t")?)
+    }
+
+    /// SQLite's `PRAGMA synchronous` on the pool's connections (0 OFF, 1 NORMAL, 2 FULL);
+    /// `None` on PostgreSQL.
+    pub async fn sqlite_synchronous(&self) -> Result<Option<i64>> {
+        if self.is_postgres() {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one_raw(Statement::from_string(
+                DbBackend::Sqlite,
+                "PRAGMA synchronous",
+            ))
+            .await?
+            .ok_or_else(|| Error::Internal("PRAGMA synchronous answered nothing".into()))?;
+        Ok(Some(row.try_get_by_index::<i64>(0)?))
     }
 
     /// Answers whether the database responds (for health).

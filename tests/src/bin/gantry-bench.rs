@@ -355,7 +355,7 @@ async fn open_session(
     tx.send(pb::SessionRequest {
         kind: Some(Out::Hello(pb::Hello {
             free_slots,
-            held: vec![],
+            ..Default::default()
         })),
     })
     .await

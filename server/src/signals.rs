@@ -6,10 +6,12 @@
 //! doubled signal costs a query, never correctness.
 use std::{
     collections::{HashMap, HashSet},
-    sync::Mutex,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use tokio::sync::{broadcast, watch};
+use sea_orm::DatabaseConnection;
+use tokio::sync::{broadcast, mpsc, watch};
 use uuid::Uuid;
 
 /// Resolves once `shutdown` turns true (or its sender is gone). Keeps the watch guard out
@@ -132,5 +134,47 @@ impl Hub {
     pub fn prune_runners(&self) {
         let mut runners = self.runners.lock().unwrap_or_else(|p| p.into_inner());
         runners.retain(|_, tx| tx.receiver_count() > 0);
+    }
+}
+
+/// How long a follower waits for a signal before looking at the database anyway. Signals
+/// make followers immediate; this only bounds the cost of a signal lost between replicas.
+pub const FOLLOW_RECHECK: Duration = Duration::from_secs(2);
+
+/// What a follower of a job (its events, its logs) needs: reads, change signals, and the
+/// shutdown signal.
+#[derive(Clone)]
+pub struct Follow {
+    pub db: DatabaseConnection,
+    pub hub: Arc<Hub>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Follow {
+    /// Waits until `job_id` changes (or a re-check is due, or the server stops, or the reader
+    /// behind `out` left). Returns false when the follower should end.
+    pub async fn wait_for_job<T>(
+        &self,
+        rx: &mut broadcast::Receiver<Uuid>,
+        job_id: Uuid,
+        out: &mpsc::Sender<T>,
+    ) -> bool {
+        let mut shutdown = self.shutdown.clone();
+        let wait = async {
+            loop {
+                match rx.recv().await {
+                    Ok(id) if id == job_id => return true,
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return true,
+                    Err(broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        };
+        tokio::select! {
+            r = wait => r,
+            _ = tokio::time::sleep(FOLLOW_RECHECK) => true,
+            _ = stopped(&mut shutdown) => false,
+            _ = out.closed() => false,
+        }
     }
 }
