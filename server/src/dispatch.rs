@@ -353,3 +353,178 @@ pub async fn claim_wait(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        auth::Auth,
+        clock::Clock,
+        jobs::lifecycle::{Rules, new_job},
+        signals::Hub,
+        store::Store,
+    };
+    use sea_orm::TransactionTrait;
+
+    async fn env() -> Env {
+        Env {
+            store: Store::memory().await.expect("store"),
+            hub: std::sync::Arc::new(Hub::default()),
+            clock: Clock::manual(1_000_000),
+            rules: Rules::with_lease(3_000),
+        }
+    }
+
+    async fn runner(env: &Env, labels: &[(&str, &str)], capacity: u32) -> Uuid {
+        let id = Uuid::now_v7();
+        let (_, hash) = Auth::issue_credential(id);
+        crate::runners::register(
+            &env.store,
+            0,
+            id,
+            hash,
+            pb::RegisterRequest {
+                name: "r".into(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                capacity,
+                executors: vec![pb::ExecutorKind::Process as i32],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("register");
+        id
+    }
+
+    /// Submits jobs (already valid) in one transaction; returns their ids in order.
+    async fn submit(env: &Env, specs: Vec<pb::JobSpec>) -> Vec<Uuid> {
+        let txn = env.store.db().begin().await.expect("txn");
+        let mut lc = crate::jobs::lifecycle::Lifecycle::new(&txn, env.rules, 0);
+        let mut ids = Vec::new();
+        for mut spec in specs {
+            spec.executor = pb::ExecutorKind::Process as i32;
+            if spec.queue.is_empty() {
+                spec.queue = "default".into();
+            }
+            let model = new_job(&spec, None, 0);
+            ids.push(model.id);
+            lc.insert_job(model);
+        }
+        lc.flush().await.expect("flush");
+        txn.commit().await.expect("commit");
+        ids
+    }
+
+    fn spec() -> pb::JobSpec {
+        pb::JobSpec {
+            command: vec!["true".into()],
+            timeout_seconds: 60,
+            ..Default::default()
+        }
+    }
+
+    async fn claim(env: &Env, runner: Uuid, n: usize) -> Result<Vec<Uuid>> {
+        claim_bytes(env, runner, n, 4 << 20).await
+    }
+
+    async fn claim_bytes(env: &Env, runner: Uuid, n: usize, bytes: usize) -> Result<Vec<Uuid>> {
+        let mut answers = claim_for(env, bytes, &[(runner, n)]).await?;
+        let got = answers.pop().expect("one answer")?;
+        Ok(got
+            .iter()
+            .map(|a| Uuid::parse_str(&a.job_id).expect("uuid"))
+            .collect())
+    }
+
+    #[tokio::test]
+    async fn claims_follow_queues_labels_and_priority_then_age() {
+        let env = env().await;
+        let gpu = runner(&env, &[("gpu", "yes")], 10).await;
+        let plain = runner(&env, &[], 10).await;
+        let labelled = pb::JobSpec {
+            labels: [("gpu".to_string(), "yes".to_string())].into(),
+            ..spec()
+        };
+        let urgent = pb::JobSpec {
+            priority: 5,
+            ..spec()
+        };
+        let elsewhere = pb::JobSpec {
+            queue: "other".into(),
+            ..spec()
+        };
+        let ids = submit(&env, vec![labelled, spec(), urgent, elsewhere]).await;
+        // The plain runner cannot take the labelled job; the other queue is nobody's here.
+        assert_eq!(
+            claim(&env, plain, 10).await.expect("claim"),
+            [ids[2], ids[1]]
+        );
+        assert_eq!(claim(&env, gpu, 10).await.expect("claim"), [ids[0]]);
+    }
+
+    #[tokio::test]
+    async fn a_held_lock_key_hides_its_waiters_from_the_scan() {
+        let env = env().await;
+        let holder = runner(&env, &[], 1).await;
+        let other = runner(&env, &[], 1).await;
+        let locked = pb::JobSpec {
+            lock_key: "k".into(),
+            ..spec()
+        };
+        // Far more waiters than one claim looks at.
+        let mut specs = vec![locked; MAX_CANDIDATES as usize * 2];
+        specs.push(spec());
+        let ids = submit(&env, specs).await;
+        assert_eq!(claim(&env, holder, 1).await.expect("claim"), [ids[0]]);
+        assert_eq!(
+            claim(&env, other, 1).await.expect("claim"),
+            [*ids.last().expect("free job")]
+        );
+    }
+
+    #[tokio::test]
+    async fn capacity_counts_what_the_runner_already_holds() {
+        let env = env().await;
+        let r = runner(&env, &[], 2).await;
+        submit(&env, vec![spec(); 5]).await;
+        assert_eq!(claim(&env, r, 1).await.expect("claim").len(), 1);
+        assert_eq!(claim(&env, r, 5).await.expect("claim").len(), 1);
+        assert!(claim(&env, r, 5).await.expect("claim").is_empty());
+    }
+
+    #[tokio::test]
+    async fn unknown_runners_are_refused_and_draining_ones_get_nothing() {
+        let env = env().await;
+        submit(&env, vec![spec()]).await;
+        assert!(matches!(
+            claim(&env, Uuid::now_v7(), 1).await,
+            Err(Error::Unauthenticated(_))
+        ));
+        let r = runner(&env, &[], 1).await;
+        crate::runners::drain_self(&env.store, r, "test")
+            .await
+            .expect("drain");
+        assert!(claim(&env, r, 1).await.expect("claim").is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_answer_stays_within_the_message_limit_but_always_carries_one() {
+        let env = env().await;
+        let r = runner(&env, &[], 10).await;
+        let big = pb::JobSpec {
+            env: [("PAD".to_string(), "x".repeat(4096))].into(),
+            ..spec()
+        };
+        submit(&env, vec![big; 4]).await;
+        // Room for two by the limit; one more does not fit.
+        assert_eq!(
+            claim_bytes(&env, r, 10, 10_000).await.expect("claim").len(),
+            2
+        );
+        // Even a limit below one assignment hands out one.
+        assert_eq!(claim_bytes(&env, r, 10, 100).await.expect("claim").len(), 1);
+    }
+}

@@ -151,6 +151,27 @@ pub struct Follow {
 }
 
 impl Follow {
+    /// Runs a follower that feeds `buffer` items at most ahead of its reader; an error it
+    /// returns ends the stream as its last item.
+    pub fn spawn<T, F, Fut>(
+        self,
+        buffer: usize,
+        follower: F,
+    ) -> mpsc::Receiver<crate::error::Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(Follow, mpsc::Sender<crate::error::Result<T>>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(buffer);
+        tokio::spawn(async move {
+            if let Err(e) = follower(self, tx.clone()).await {
+                let _ = tx.send(Err(e)).await;
+            }
+        });
+        rx
+    }
+
     /// Waits until `job_id` changes (or a re-check is due, or the server stops, or the reader
     /// behind `out` left). Returns false when the follower should end.
     pub async fn wait_for_job<T>(

@@ -359,6 +359,18 @@ pub fn sh(script: &str) -> pb::JobSpec {
     }
 }
 
+/// A process job running `sh -c script`, tried up to `max_attempts` times with no backoff.
+pub fn sh_retried(script: &str, max_attempts: u32) -> pb::JobSpec {
+    pb::JobSpec {
+        retry: Some(pb::RetryPolicy {
+            max_attempts,
+            initial_backoff_ms: 0,
+            max_backoff_ms: 0,
+        }),
+        ..sh(script)
+    }
+}
+
 /// Submits `spec`; returns the job id.
 pub async fn submit(jobs: &mut JobServiceClient<Authed>, spec: pb::JobSpec) -> String {
     jobs.submit_job(pb::SubmitJobRequest { spec: Some(spec) })

@@ -314,6 +314,24 @@ async fn refused_session(runner: &mut TestRunner) -> tonic::Status {
     }
 }
 
+/// Waits until retention has deleted runner `id` (GetRunner says NOT_FOUND).
+async fn deleted_by_retention(
+    admin: &pb::admin_service_client::AdminServiceClient<Authed>,
+    id: &str,
+) {
+    eventually("retention deletes the runner", || {
+        let mut admin = admin.clone();
+        let runner_id = id.to_string();
+        async move {
+            match admin.get_runner(pb::GetRunnerRequest { runner_id }).await {
+                Err(e) if e.code() == Code::NotFound => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
+}
+
 /// Waits for the end of a session's stream; returns its status.
 async fn session_end(session: &mut Session) -> tonic::Status {
     loop {
@@ -357,12 +375,7 @@ async fn a_unary_runner_that_restarted_gives_up_what_it_no_longer_holds(db: Db) 
     let server = TestServer::start_with(db, |c| c.lease_seconds = 600).await;
     let mut jobs = server.jobs().await;
     let mut runner = server.runner("unary", &[], 1).await;
-    let mut spec = sh("sleep 100");
-    spec.retry = Some(pb::RetryPolicy {
-        max_attempts: 2,
-        initial_backoff_ms: 0,
-        max_backoff_ms: 0,
-    });
+    let spec = sh_retried("sleep 100", 2);
     let id = submit(&mut jobs, spec).await;
     let a = runner.claim_one().await;
     runner
@@ -411,20 +424,7 @@ async fn a_runner_deleted_by_retention_is_told_to_register_again(db: Db) {
     let mut runner = server.runner("forgotten", &[], 1).await;
     // The credential is verified (and cached) while the runner is known.
     drop(runner.session(0, vec![]).await);
-    eventually("the silent runner is deleted by retention", || {
-        let mut admin = admin.clone();
-        let id = runner.id.clone();
-        async move {
-            match admin
-                .get_runner(pb::GetRunnerRequest { runner_id: id })
-                .await
-            {
-                Err(e) if e.code() == Code::NotFound => Some(()),
-                _ => None,
-            }
-        }
-    })
-    .await;
+    deleted_by_retention(&admin, &runner.id).await;
     let err = refused_session(&mut runner).await;
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
     assert!(err.message().contains("register again"), "{err:?}");
@@ -441,8 +441,11 @@ async fn an_overdue_cancel_is_found_behind_many_with_long_graces(db: Db) {
     for _ in 0..PATIENT {
         submit(&mut jobs, spec.clone()).await;
     }
+    // The urgent job comes last in every order the database may read them in: submitted,
+    // claimed and canceled last, and of the lowest priority.
     let mut urgent = sh("sleep 1000");
     urgent.cancel_grace_seconds = 1;
+    urgent.priority = -1;
     let urgent_id = submit(&mut jobs, urgent).await;
     let mut held = Vec::new();
     while held.len() < PATIENT + 1 {
@@ -790,20 +793,7 @@ async fn a_real_runner_deleted_by_retention_registers_again() {
     let id = submit(&mut jobs, sh("echo one")).await;
     wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;
     runner.kill().await;
-    eventually("retention deletes the runner", || {
-        let mut admin = admin.clone();
-        let id = first_id.clone();
-        async move {
-            match admin
-                .get_runner(pb::GetRunnerRequest { runner_id: id })
-                .await
-            {
-                Err(e) if e.code() == Code::NotFound => Some(()),
-                _ => None,
-            }
-        }
-    })
-    .await;
+    deleted_by_retention(&admin, &first_id).await;
     runner.restart();
     let id = submit(&mut jobs, sh("echo two")).await;
     wait_for_status(&mut jobs, &id, JobStatus::Succeeded).await;

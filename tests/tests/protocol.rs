@@ -246,12 +246,7 @@ async fn stale_and_foreign_leases_are_fenced(db: Db) {
     let mut jobs = server.jobs().await;
     let mut owner = server.runner("owner", &[], 1).await;
     let mut other = server.runner("other", &[], 1).await;
-    let mut spec = sh("sleep 1");
-    spec.retry = Some(pb::RetryPolicy {
-        max_attempts: 3,
-        initial_backoff_ms: 0,
-        max_backoff_ms: 0,
-    });
+    let spec = sh_retried("sleep 1", 3);
     let id = submit(&mut jobs, spec).await;
     let a1 = owner.claim_one().await;
     owner
@@ -737,12 +732,7 @@ async fn unconfirmed_cancel_finishes_by_lease_expiry(db: Db) {
     let server = TestServer::start(db).await;
     let mut jobs = server.jobs().await;
     let mut runner = server.runner("r", &[], 1).await;
-    let mut spec = sh("sleep 100");
-    spec.retry = Some(pb::RetryPolicy {
-        max_attempts: 5,
-        initial_backoff_ms: 0,
-        max_backoff_ms: 0,
-    });
+    let spec = sh_retried("sleep 100", 5);
     let id = submit(&mut jobs, spec).await;
     let a = runner.claim_one().await;
     runner
@@ -868,12 +858,7 @@ async fn followers_resume_and_follow_live_across_retries(db: Db) {
     let server = TestServer::start(db).await;
     let mut jobs = server.jobs().await;
     let mut runner = server.runner("r", &[], 1).await;
-    let mut spec = sh("echo twice");
-    spec.retry = Some(pb::RetryPolicy {
-        max_attempts: 2,
-        initial_backoff_ms: 0,
-        max_backoff_ms: 0,
-    });
+    let spec = sh_retried("echo twice", 2);
     let id = submit(&mut jobs, spec).await;
 
     // Follow the logs (attempt 0: the latest, then every later one) before anything ran.
@@ -1001,12 +986,7 @@ async fn a_runner_that_reconnects_without_its_work_loses_it_at_once(db: Db) {
     let server = TestServer::start_with(db, |c| c.lease_seconds = 600).await;
     let mut jobs = server.jobs().await;
     let mut runner = server.runner("r", &[], 1).await;
-    let mut spec = sh("echo lost");
-    spec.retry = Some(pb::RetryPolicy {
-        max_attempts: 2,
-        initial_backoff_ms: 0,
-        max_backoff_ms: 0,
-    });
+    let spec = sh_retried("echo lost", 2);
     let id = submit(&mut jobs, spec).await;
     let a1 = runner.claim_one().await;
     runner

@@ -35,13 +35,9 @@ pub fn follow(
     req: pb::GetLogsRequest,
     id: Uuid,
 ) -> mpsc::Receiver<Result<pb::LogChunk>> {
-    let (tx, rx) = mpsc::channel(OUT_BUFFER);
-    tokio::spawn(async move {
-        if let Err(e) = send_logs(&src, &req, id, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    rx
+    src.spawn(OUT_BUFFER, move |src, tx| async move {
+        send_logs(&src, &req, id, &tx).await
+    })
 }
 
 /// One listed chunk, before its bytes are read.

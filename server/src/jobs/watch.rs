@@ -27,13 +27,9 @@ pub fn follow(
     req: pb::WatchJobRequest,
     id: Uuid,
 ) -> mpsc::Receiver<Result<pb::JobEvent>> {
-    let (tx, rx) = mpsc::channel(OUT_BUFFER);
-    tokio::spawn(async move {
-        if let Err(e) = send_events(&src, &req, id, &tx).await {
-            let _ = tx.send(Err(e)).await;
-        }
-    });
-    rx
+    src.spawn(OUT_BUFFER, move |src, tx| async move {
+        send_events(&src, &req, id, &tx).await
+    })
 }
 
 async fn send_events(

@@ -2,7 +2,6 @@
 use gantry_proto as pb;
 use tonic::{Request, Response, Status};
 
-use super::authorization;
 use crate::{App, jobs::parse_id, runners, stats};
 
 /// AdminService over the shared application state.
@@ -10,15 +9,7 @@ pub struct AdminApi(pub App);
 
 impl AdminApi {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let app = &self.0;
-        app.auth
-            .client(
-                &app.env.store,
-                authorization(request.metadata()),
-                "AdminService",
-            )
-            .await
-            .map_err(Status::from)
+        super::client(&self.0, request, "AdminService").await
     }
 }
 

@@ -3,7 +3,6 @@ use gantry_proto as pb;
 use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
-use super::authorization;
 use crate::{
     App,
     error::Error,
@@ -22,15 +21,7 @@ fn stream<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<Result<T, Error>>) 
 
 impl JobApi {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let app = &self.0;
-        app.auth
-            .client(
-                &app.env.store,
-                authorization(request.metadata()),
-                "JobService",
-            )
-            .await
-            .map_err(Status::from)
+        super::client(&self.0, request, "JobService").await
     }
 }
 

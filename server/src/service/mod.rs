@@ -7,9 +7,19 @@ pub mod runner;
 pub mod session;
 pub mod status;
 
-use tonic::metadata::MetadataMap;
+use tonic::{Request, Status, metadata::MetadataMap};
+
+use crate::App;
 
 /// The `authorization` metadata value, when present and ASCII.
 pub fn authorization(meta: &MetadataMap) -> Option<&str> {
     meta.get("authorization").and_then(|v| v.to_str().ok())
+}
+
+/// A JobService or AdminService call (`service`): needs an API token.
+async fn client<T>(app: &App, request: &Request<T>, service: &str) -> Result<(), Status> {
+    app.auth
+        .client(&app.env.store, authorization(request.metadata()), service)
+        .await
+        .map_err(Status::from)
 }

@@ -198,3 +198,25 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sqlite_commits_reach_the_disk_unless_the_operator_says_otherwise() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = |name: &str| format!("sqlite://{}?mode=rwc", dir.path().join(name).display());
+        let safe = Store::connect(&url("full.db")).await.expect("open");
+        assert_eq!(safe.sqlite_synchronous().await.expect("pragma"), Some(2));
+        let fast = Store::connect_with(&url("normal.db"), SqliteSync::Normal)
+            .await
+            .expect("open");
+        assert_eq!(fast.sqlite_synchronous().await.expect("pragma"), Some(1));
+        // And the server's own default is the safe one.
+        assert_eq!(
+            crate::Config::with_database("sqlite::memory:").sqlite_synchronous,
+            SqliteSync::Full
+        );
+    }
+}

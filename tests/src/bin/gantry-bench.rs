@@ -63,6 +63,10 @@ struct Args {
     /// Skip the docker scenario.
     #[arg(long)]
     no_docker: bool,
+    /// How the server's SQLite commits: `full` (the server's default: every acknowledged
+    /// commit survives a power loss) or `normal`. The raw SQLite reference commits the same way.
+    #[arg(long, value_parser = ["full", "normal"], default_value = "full")]
+    sqlite_synchronous: String,
 }
 
 /// One measured figure.
@@ -831,17 +835,22 @@ async fn tonic_reference(url: &str, secs: f64, rtt_samples: usize) -> (f64, Vec<
     )
 }
 
-/// Raw SQLite commits per second with the server's pragmas (WAL, synchronous=NORMAL), one
-/// row per transaction.
-async fn sqlite_reference(secs: f64) -> f64 {
+/// Raw SQLite commits per second with the server's pragmas (WAL, the `synchronous` the server
+/// runs with), one row per transaction.
+async fn sqlite_reference(secs: f64, full: bool) -> f64 {
     use sea_orm::{ConnectionTrait, Database, TransactionTrait};
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}?mode=rwc", dir.path().join("raw.db").display());
     let mut opts = sea_orm::ConnectOptions::new(url);
     opts.sqlx_logging(false).max_connections(1);
-    opts.map_sqlx_sqlite_opts(|o| {
+    opts.map_sqlx_sqlite_opts(move |o| {
+        use sea_orm::sqlx::sqlite::SqliteSynchronous;
         o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
-            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
+            .synchronous(if full {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
     });
     let db = Database::connect(opts).await.expect("sqlite");
     db.execute_unprepared("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
@@ -995,7 +1004,8 @@ async fn main() {
     };
 
     progress("references: raw tonic unary, raw SQLite commits");
-    let server = ServerProcess::start(&[]).await;
+    let sync = ["--sqlite-synchronous", args.sqlite_synchronous.as_str()];
+    let server = ServerProcess::start(&sync).await;
     let (tonic_rps, rtt) = tonic_reference(&server.url, ref_secs, samples * 3).await;
     let rtt_p50 = pct(&rtt, 50.0);
     report.add(
@@ -1006,10 +1016,15 @@ async fn main() {
         "",
     );
     report.add("reference", "tonic unary round trip p50", rtt_p50, "ms", "");
-    let sqlite_cps = sqlite_reference(ref_secs).await;
+    let full = args.sqlite_synchronous == "full";
+    let sqlite_cps = sqlite_reference(ref_secs, full).await;
     report.add(
         "reference",
-        "sqlite commits (WAL, NORMAL)",
+        if full {
+            "sqlite commits (WAL, FULL)"
+        } else {
+            "sqlite commits (WAL, NORMAL)"
+        },
         sqlite_cps,
         "txn/s",
         "",
