@@ -56,6 +56,8 @@ pub struct App {
     pub claimer: dispatch::Claimer,
     /// The group-committing heartbeat writer.
     pub heartbeats: runners::heartbeats::Heartbeats,
+    /// The group-committing session opener.
+    pub openings: runners::sessions::Openings,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -195,6 +197,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let (submitter, submit_rx) = jobs::submit::Submitter::channel(4096);
     let (claimer, claim_rx) = dispatch::Claimer::channel(4096);
     let (heartbeats, beat_rx) = runners::heartbeats::Heartbeats::channel(4096);
+    let (openings, open_rx) = runners::sessions::Openings::channel(4096);
     let env = jobs::lifecycle::Env {
         store: store.clone(),
         hub: Arc::new(signals::Hub::default()),
@@ -214,12 +217,14 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         submitter,
         claimer,
         heartbeats,
+        openings,
         shutdown: shutdown_rx.clone(),
     };
     reports::start(env.clone(), ingest_rx);
     jobs::submit::start(env.clone(), submit_rx);
     dispatch::start_claimer(env.clone(), config.max_message_bytes as usize, claim_rx);
     runners::heartbeats::start(env.clone(), beat_rx);
+    runners::sessions::start(env.clone(), open_rx);
     let reaping = reaper::Settings {
         interval: Duration::from_millis(config.reap_interval_ms),
         timeout_grace_ms: i64::from(config.timeout_grace_seconds) * 1000,

@@ -898,6 +898,11 @@ async fn paused_readers_of_a_large_log_do_not_hold_it_in_memory() {
         most = most.max(rss());
     }
     let grown = most - before;
+    eprintln!(
+        "four paused readers of a 100 MiB log: server RSS {} -> {} MiB",
+        before / MIB as i64,
+        most / MIB as i64
+    );
     assert!(
         grown < 32 * MIB as i64,
         "four paused readers added {} MiB",

@@ -20,13 +20,13 @@ use crate::{
 };
 
 /// Log bytes read from the database per page, at most (at least one chunk).
-pub const PAGE_BYTES: i64 = 1024 * 1024;
+pub const PAGE_BYTES: i64 = 512 * 1024;
 /// Chunks listed per page, at most.
 const PAGE_ROWS: u64 = 512;
 /// Largest `LogChunk` sent to a reader: stored chunks are split to this size.
 pub const OUT_CHUNK_BYTES: usize = 64 * 1024;
 /// Messages waiting for a reader.
-pub const OUT_BUFFER: usize = 16;
+pub const OUT_BUFFER: usize = 8;
 
 /// Streams a job's output (see `GetLogs` in the proto). The receiver gets the chunks; an
 /// error ends the stream.
@@ -46,26 +46,29 @@ struct Listed {
     attempt: i32,
     stream: i32,
     offset: i64,
-    at: i64,
 }
 
 /// The next page of an attempt's chunks after `last_id`: listed first (no bytes), then the
-/// bytes of as many as fit in [`PAGE_BYTES`] (at least one). Returns the chunks read and
-/// whether more may follow right away.
+/// bytes of as many as fit in [`PAGE_BYTES`] (at least one). Returns the chunks read (with
+/// their bytes and storage time) and whether more may follow right away.
+///
+/// The listing reads only the columns stored before the bytes in a chunk's row (and the
+/// bytes' length, which SQLite keeps in the row's header): a column stored after them would
+/// make SQLite walk every listed chunk's overflow pages (51 ms instead of 1 ms for 512
+/// chunks of 256 KiB).
 async fn page(
     db: &DatabaseConnection,
     id: Uuid,
     number: i32,
     stream: i32,
     last_id: i64,
-) -> Result<(Vec<(Listed, Vec<u8>)>, bool)> {
+) -> Result<(Vec<(Listed, Vec<u8>, i64)>, bool)> {
     let mut q = log_chunk::Entity::find()
         .select_only()
         .column(log_chunk::Column::Id)
         .column(log_chunk::Column::Attempt)
         .column(log_chunk::Column::Stream)
         .column(log_chunk::Column::Offset)
-        .column(log_chunk::Column::At)
         .column_as(Expr::cust("CAST(LENGTH(data) AS BIGINT)"), "len")
         .filter(log_chunk::Column::JobId.eq(id))
         .filter(log_chunk::Column::Attempt.eq(number))
@@ -73,7 +76,7 @@ async fn page(
     if stream != 0 {
         q = q.filter(log_chunk::Column::Stream.eq(stream));
     }
-    let listed: Vec<(i64, i32, i32, i64, i64, i64)> = q
+    let listed: Vec<(i64, i32, i32, i64, i64)> = q
         .order_by_asc(log_chunk::Column::Id)
         .limit(PAGE_ROWS)
         .into_tuple()
@@ -83,7 +86,7 @@ async fn page(
     let full_list = listed_count as u64 == PAGE_ROWS;
     let mut budget = PAGE_BYTES;
     let mut take = Vec::new();
-    for (id, attempt, stream, offset, at, len) in listed {
+    for (id, attempt, stream, offset, len) in listed {
         if !take.is_empty() && budget < len {
             break;
         }
@@ -93,7 +96,6 @@ async fn page(
             attempt,
             stream,
             offset,
-            at,
         });
     }
     // A page cut by the byte budget leaves listed chunks behind: read on at once.
@@ -102,21 +104,23 @@ async fn page(
         return Ok((Vec::new(), false));
     }
     let ids: Vec<i64> = take.iter().map(|l| l.id).collect();
-    let mut bytes: std::collections::HashMap<i64, Vec<u8>> = log_chunk::Entity::find()
+    let mut bytes: std::collections::HashMap<i64, (Vec<u8>, i64)> = log_chunk::Entity::find()
         .select_only()
         .column(log_chunk::Column::Id)
         .column(log_chunk::Column::Data)
+        .column(log_chunk::Column::At)
         .filter(log_chunk::Column::Id.is_in(ids))
-        .into_tuple::<(i64, Vec<u8>)>()
+        .into_tuple::<(i64, Vec<u8>, i64)>()
         .all(db)
         .await?
         .into_iter()
+        .map(|(id, data, at)| (id, (data, at)))
         .collect();
     let read = take
         .into_iter()
         .map(|l| {
-            let data = bytes.remove(&l.id).unwrap_or_default();
-            (l, data)
+            let (data, at) = bytes.remove(&l.id).unwrap_or_default();
+            (l, data, at)
         })
         .collect::<Vec<_>>();
     Ok((read, more))
@@ -174,7 +178,7 @@ async fn send_logs(
             .await?
             .is_none_or(|a| a.finished_at.is_some());
         let (rows, more) = page(db, id, number, req.stream, last_id).await?;
-        for (listed, data) in rows {
+        for (listed, data, at_unix_ms) in rows {
             last_id = listed.id;
             let from = if listed.stream == pb::LogStream::Stdout as i32 {
                 stdout_from
@@ -195,7 +199,7 @@ async fn send_logs(
                     stream: listed.stream,
                     offset: at,
                     data: piece.to_vec(),
-                    at_unix_ms: listed.at,
+                    at_unix_ms,
                 };
                 at += piece.len() as u64;
                 if tx.send(Ok(chunk)).await.is_err() {

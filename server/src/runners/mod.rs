@@ -2,6 +2,7 @@
 //! what operators see (list, get). Which state a runner is in is decided by [`state`]; this
 //! module reads and writes the rows.
 pub mod heartbeats;
+pub mod sessions;
 pub mod state;
 
 use std::collections::HashMap;
@@ -19,7 +20,7 @@ use crate::{
     error::{Error, Result},
     jobs::lifecycle::Env,
     jobs::spec,
-    leases::{self, Account},
+    leases,
     signals::Signals,
     store::{
         Store,
@@ -139,67 +140,6 @@ async fn transition(
             .await?;
     }
     Ok(to)
-}
-
-/// A session that opened.
-pub struct Opened {
-    /// The session's epoch: a later session of the runner has a higher one.
-    pub epoch: i64,
-    /// The runner's registered capacity.
-    pub capacity: u32,
-    /// Leases of `hello.held` the server no longer honours.
-    pub revoked: Vec<pb::LeaseRef>,
-}
-
-/// Opens a session for `runner_id` in one transaction: the runner takes the state its hello
-/// announces (see [`state`]), the session gets the next epoch (any older session of the
-/// runner ends, replaced), the leases it holds are extended, and the attempts it was given
-/// before this session and does not hold any more are ended as lost.
-pub async fn open_session(env: &Env, runner_id: Uuid, hello: &pb::Hello) -> Result<Opened> {
-    let held = leases::parse_held("hello.held", &hello.held)?;
-    check_reason("hello.drain_reason", &hello.drain_reason)?;
-    let wtx = env.store.write().await?;
-    let mut lc = env.lifecycle(&wtx);
-    let row = live_row(lc.txn(), runner_id).await?;
-    let drain_pending = commands::drain_pending(lc.txn(), runner_id, row.acked_command_seq).await?;
-    let to = transition(
-        lc.txn(),
-        &row,
-        Event::SessionOpened {
-            draining: hello.draining,
-            drain_pending,
-        },
-    )
-    .await?;
-    let epoch = row.session_epoch + 1;
-    runner::Entity::update_many()
-        .col_expr(runner::Column::SessionEpoch, Expr::value(epoch))
-        .col_expr(runner::Column::LastHeartbeat, Expr::value(lc.now))
-        .filter(runner::Column::Id.eq(runner_id))
-        .exec(lc.txn())
-        .await?;
-    let until = lc.now + env.rules.lease_ms;
-    let account = Account {
-        runner: runner_id,
-        held,
-        dropped_before: lc.now,
-    };
-    let revoked = leases::settle(&mut lc, &[account], until)
-        .await?
-        .pop()
-        .unwrap_or_default();
-    let signals = lc.flush().await?;
-    env.commit(wtx, signals).await?;
-    // Wakes an older session of the runner, which then finds itself replaced.
-    let mut signals = Signals::default();
-    signals.runners.insert(runner_id);
-    env.hub.publish(signals);
-    tracing::info!(runner = %runner_id, state = to.as_str_name(), epoch, "session opened");
-    Ok(Opened {
-        epoch,
-        capacity: u32::try_from(row.capacity).unwrap_or(1),
-        revoked,
-    })
 }
 
 /// What a session learns when it looks at its runner: the commands acknowledged so far.

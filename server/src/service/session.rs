@@ -143,7 +143,7 @@ impl Session {
         // Subscribed before the first reads, so nothing signalled in between is missed.
         let commands_rx = app.env.hub.subscribe_runner(runner);
         let work_rx = app.env.hub.subscribe_work();
-        let opened = runners::open_session(&app.env, runner, &hello).await?;
+        let opened = app.openings.call((runner, hello.clone())).await?;
         let credits = if hello.draining {
             0
         } else {
