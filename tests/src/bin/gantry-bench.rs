@@ -258,6 +258,10 @@ impl SimRunner {
         let (_, mut client) = register(channel, reg_token, name, capacity).await;
         let (tx, mut inbound) = open_session(&mut client, capacity, 1024).await;
         let out = tx.clone();
+        // What it holds (lease -> job), for its heartbeats: a heartbeat's `held` is the
+        // runner's whole account, and what it leaves out is given up.
+        let held: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+        let holding = held.clone();
         let reader = tokio::spawn(async move {
             while let Some(Ok(msg)) = inbound.next().await {
                 let now = Instant::now();
@@ -267,6 +271,10 @@ impl SimRunner {
                             .lock()
                             .expect("lock")
                             .insert(a.job_id.clone(), (now, a.lease_id.clone()));
+                        holding
+                            .lock()
+                            .expect("lock")
+                            .insert(a.lease_id.clone(), a.job_id.clone());
                         if mode == Mode::Complete {
                             let reports = vec![
                                 report(&a.job_id, &a.lease_id, 1, pb::JobStatus::Running),
@@ -281,6 +289,12 @@ impl SimRunner {
                     }
                     Some(In::Acks(acks)) => {
                         let done = acks.acks.iter().filter(|a| a.acked_sequence >= 2).count();
+                        {
+                            let mut holding = holding.lock().expect("lock");
+                            for a in acks.acks.iter().filter(|a| a.acked_sequence >= 2) {
+                                holding.remove(&a.lease_id);
+                            }
+                        }
                         if done > 0 {
                             seen.finished.fetch_add(done as u64, Ordering::Relaxed);
                             seen.notify.notify_waiters();
@@ -329,9 +343,18 @@ impl SimRunner {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
+                let held = held
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(|(lease_id, job_id)| pb::LeaseRef {
+                        job_id: job_id.clone(),
+                        lease_id: lease_id.clone(),
+                    })
+                    .collect();
                 if beat
                     .send(pb::SessionRequest {
-                        kind: Some(Out::Heartbeat(pb::HeartbeatRequest::default())),
+                        kind: Some(Out::Heartbeat(pb::HeartbeatRequest { held })),
                     })
                     .await
                     .is_err()
