@@ -650,10 +650,12 @@ impl Runner {
                 match c.kind {
                     Some(pb::command::Kind::Cancel(cancel)) => self.cancel(&cancel),
                     Some(pb::command::Kind::Drain(d)) => {
+                        // The operator's reason as given: the runner announces it in its
+                        // hellos, and the server takes at most what it let the operator give.
                         let reason = if d.reason.is_empty() {
                             "drain requested".to_string()
                         } else {
-                            format!("drain requested: {}", d.reason)
+                            d.reason
                         };
                         self.step(Event::Drain(reason), true);
                     }

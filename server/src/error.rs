@@ -42,6 +42,18 @@ pub enum Error {
 /// Shorthand used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A free-text field: at most `max` bytes and no NUL (PostgreSQL's text columns refuse
+/// NUL, and what is stored must read back the same on either database).
+pub fn check_text(field: &str, value: &str, max: usize) -> Result<()> {
+    if value.len() > max || value.contains('\0') {
+        return Err(Error::invalid(
+            field,
+            format!("must be at most {max} bytes without NUL"),
+        ));
+    }
+    Ok(())
+}
+
 impl Error {
     /// Bad input: `field` breaks `rule`.
     pub fn invalid(field: impl Into<String>, rule: impl Into<String>) -> Self {

@@ -162,8 +162,10 @@ async fn end_each(
     }
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    // Re-read under the writer (and locked): a report or another replica may have ended or
-    // extended them meanwhile.
+    // Locked first (PostgreSQL; on SQLite the writer excludes every other), then asked
+    // again: a report, a heartbeat or another replica may have ended or extended them since
+    // the page was read, and what is decided must hold until the commit.
+    lc.load_attempts(leases.iter().copied()).await?;
     let still: Vec<Uuid> = attempt::Entity::find()
         .select_only()
         .column(attempt::Column::LeaseId)
@@ -173,7 +175,6 @@ async fn end_each(
         .into_tuple()
         .all(lc.txn())
         .await?;
-    lc.load_attempts(still.iter().copied()).await?;
     for lease in still {
         let Some(row) = lc.attempt(&lease).cloned() else {
             continue;

@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use crate::{
     batch::{GroupCommit, Queue},
-    error::{Error, Result},
+    error::{Error, Result, check_text},
     jobs::lifecycle::{Env, Lifecycle},
     jobs::state::{self, AttemptEnd, Fenced},
 };
@@ -234,32 +234,18 @@ fn reported_status(s: &pb::StatusReport) -> Result<Reported> {
 /// Every rule a report's body must keep (see `Report` in the proto); log data of at most
 /// `max_log_data` bytes.
 pub fn check_body(body: &pb::report::Body, max_log_data: usize) -> Result<()> {
-    let at_most = |field: &str, len: usize, max: usize| {
-        if len > max {
-            Err(Error::invalid(
-                field,
-                format!("must be at most {max} bytes"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
     match body {
         pb::report::Body::Status(s) => {
-            at_most("status.message", s.message.len(), MAX_STATUS_MESSAGE)?;
-            at_most(
-                "status.container_id",
-                s.container_id.len(),
-                MAX_CONTAINER_ID,
-            )?;
+            check_text("status.message", &s.message, MAX_STATUS_MESSAGE)?;
+            check_text("status.container_id", &s.container_id, MAX_CONTAINER_ID)?;
             reported_status(s).map(|_| ())
         }
         pb::report::Body::Progress(p) => {
             if p.percent > 100 {
                 return Err(Error::invalid("progress.percent", "must be within 0..=100"));
             }
-            at_most("progress.stage", p.stage.len(), MAX_STAGE)?;
-            at_most("progress.message", p.message.len(), MAX_PROGRESS_MESSAGE)
+            check_text("progress.stage", &p.stage, MAX_STAGE)?;
+            check_text("progress.message", &p.message, MAX_PROGRESS_MESSAGE)
         }
         pb::report::Body::Phase(p) => {
             if p.phase == 0 || pb::ExecutorPhase::try_from(p.phase).is_err() {
@@ -268,14 +254,20 @@ pub fn check_body(body: &pb::report::Body, max_log_data: usize) -> Result<()> {
                     format!("unknown phase {}", p.phase),
                 ));
             }
-            at_most("phase.message", p.message.len(), MAX_PHASE_MESSAGE)
+            check_text("phase.message", &p.message, MAX_PHASE_MESSAGE)
         }
         pb::report::Body::Log(l) => {
             if l.stream != pb::LogStream::Stdout as i32 && l.stream != pb::LogStream::Stderr as i32
             {
                 return Err(Error::invalid("log.stream", "must be STDOUT or STDERR"));
             }
-            at_most("log.data", l.data.len(), max_log_data)
+            if l.data.len() > max_log_data {
+                return Err(Error::invalid(
+                    "log.data",
+                    format!("must be at most {max_log_data} bytes"),
+                ));
+            }
+            Ok(())
         }
     }
 }
@@ -493,6 +485,22 @@ mod tests {
                     ..Default::default()
                 }),
                 "status.message",
+            ),
+            (
+                pb::report::Body::Status(pb::StatusReport {
+                    status: pb::JobStatus::Running as i32,
+                    container_id: "c\0".into(),
+                    ..Default::default()
+                }),
+                "status.container_id",
+            ),
+            (
+                pb::report::Body::Progress(pb::Progress {
+                    percent: 1,
+                    stage: "a\0b".into(),
+                    ..Default::default()
+                }),
+                "progress.stage",
             ),
             (
                 pb::report::Body::Log(pb::LogData {

@@ -26,6 +26,7 @@ on_both_databases!(
     thousands_of_jobs_behind_a_held_lock_never_delay_an_unrelated_one,
     capacity_is_checked_by_the_claim_itself,
     a_draining_runner_says_so_in_its_hello,
+    text_with_nul_is_refused_naming_the_field_and_changes_nothing,
 );
 
 /// Messages with a `string` field of the proto declared as `bytes`, so that a test can send
@@ -928,4 +929,102 @@ async fn paused_readers_of_a_large_log_do_not_hold_it_in_memory() {
     assert_eq!(total, 100 * MIB);
     drop(readers);
     drop(server);
+}
+
+/// Free text with a NUL (which PostgreSQL's text columns refuse) is bad input: refused with
+/// INVALID_ARGUMENT naming the field, changing nothing. Before, on PostgreSQL, one such
+/// report failed the whole group transaction it was in (every session in it ended
+/// UNAVAILABLE, and the runner sent it again for ever) and a cancel reason got UNAVAILABLE.
+async fn text_with_nul_is_refused_naming_the_field_and_changes_nothing(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut jobs = server.jobs().await;
+    let mut admin = server.admin().await;
+    let mut runner = server.runner("nul", &[], 1).await;
+    let id = submit(&mut jobs, sh("x")).await;
+    let a = runner.claim_one().await;
+    let mut session = runner
+        .session(
+            0,
+            vec![pb::LeaseRef {
+                job_id: id.clone(),
+                lease_id: a.lease_id.clone(),
+            }],
+        )
+        .await;
+    let mk = |seq, message: &str| pb::Report {
+        job_id: id.clone(),
+        lease_id: a.lease_id.clone(),
+        sequence: seq,
+        body: Some(pb::report::Body::Status(pb::StatusReport {
+            status: JobStatus::Failed as i32,
+            failure_kind: pb::FailureKind::ExitNonzero as i32,
+            exit_code: Some(3),
+            message: message.into(),
+            ..Default::default()
+        })),
+    };
+    session
+        .send(pb::session_request::Kind::Reports(pb::ReportBatch {
+            reports: vec![mk(1, "exit\0ed")],
+        }))
+        .await;
+    let rejected = loop {
+        match session.next().await {
+            Out::Rejected(r) => break r,
+            Out::Acks(a) => assert!(a.acks.is_empty(), "nothing is acknowledged: {a:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(rejected.code, Code::InvalidArgument as i32, "{rejected:?}");
+    assert!(
+        rejected.message.contains("status.message") && rejected.message.contains("NUL"),
+        "{}",
+        rejected.message
+    );
+    assert_eq!(get(&mut jobs, &id).await.status, JobStatus::Assigned as i32);
+    // The session lives on, and the report without the NUL is stored.
+    session
+        .send(pb::session_request::Kind::Reports(pb::ReportBatch {
+            reports: vec![mk(1, "exited 3")],
+        }))
+        .await;
+    loop {
+        if let Out::Acks(a) = session.next().await
+            && a.acks.iter().any(|a| a.acked_sequence == 1)
+        {
+            break;
+        }
+    }
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(job.status, JobStatus::Failed as i32);
+    assert_eq!(job.failure_message, "exited 3");
+
+    let queued = submit(&mut jobs, sh("x")).await;
+    let err = jobs
+        .cancel_job(pb::CancelJobRequest {
+            job_id: queued.clone(),
+            reason: "a\0b".into(),
+        })
+        .await
+        .expect_err("NUL in reason");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("reason"), "{err:?}");
+    assert_eq!(get(&mut jobs, &queued).await.status, JobStatus::Queued as i32);
+    let err = admin
+        .drain_runner(pb::DrainRunnerRequest {
+            runner_id: runner.id.clone(),
+            reason: "a\0b".into(),
+        })
+        .await
+        .expect_err("NUL in reason");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let r = admin
+        .get_runner(pb::GetRunnerRequest {
+            runner_id: runner.id.clone(),
+        })
+        .await
+        .expect("get runner")
+        .into_inner();
+    assert_eq!(r.state, pb::RunnerState::Online as i32);
+    server.stop().await;
 }

@@ -18,7 +18,7 @@ use sea_orm::{
 use uuid::Uuid;
 
 use crate::{
-    error::{Error, Result},
+    error::{Error, Result, check_text},
     jobs::lifecycle::Env,
     store::entity::{attempt, job, job_label},
 };
@@ -161,9 +161,7 @@ pub async fn list(
 
 /// Cancels a job (see [`state::cancel`]).
 pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
-    if reason.len() > 1024 {
-        return Err(Error::invalid("reason", "must be at most 1024 bytes"));
-    }
+    check_text("reason", reason, 1024)?;
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
     let view = lc.require_job(id).await?;

@@ -31,7 +31,7 @@ pub fn start(env: Env, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobRe
         let env = env.clone();
         async move {
             match commit(&env, &batch).await {
-                Ok(responses) => Ok(responses.into_iter().map(Ok).collect()),
+                Ok(responses) => Ok(responses),
                 Err(e) => {
                     tracing::debug!(error = %e, size = batch.len(), "submission batch failed; one at a time");
                     let mut answers = Vec::with_capacity(batch.len());
@@ -54,7 +54,7 @@ async fn alone(
 ) -> Result<pb::SubmitJobResponse> {
     let key = spec.idempotency_key.clone();
     match commit(env, &[(spec, retried_from)]).await {
-        Ok(mut r) => r.pop().ok_or_else(|| Error::Internal("no answer".into())),
+        Ok(mut r) => r.pop().unwrap_or_else(|| Err(Error::Internal("no answer".into()))),
         Err(e) => {
             if !key.is_empty()
                 && let Some(existing) = job::Entity::find()
@@ -80,11 +80,13 @@ enum Answer {
     Inserted(Uuid, bool),
 }
 
-/// Inserts a batch in one transaction; answers in the batch's order.
+/// Inserts a batch in one transaction; answers in the batch's order. An error is returned
+/// only when nothing was stored; once the batch is committed, each submission has its own
+/// answer.
 async fn commit(
     env: &Env,
     batch: &[(pb::JobSpec, Option<Uuid>)],
-) -> Result<Vec<pb::SubmitJobResponse>> {
+) -> Result<Vec<Result<pb::SubmitJobResponse>>> {
     let keys: Vec<String> = batch
         .iter()
         .filter(|(s, _)| !s.idempotency_key.is_empty())
@@ -138,27 +140,19 @@ async fn commit(
             .exec_without_returning(lc.txn())
             .await?;
     }
-    let signals = lc.flush().await?;
-    env.commit(wtx, signals).await?;
-    // The rows as stored (with their first event), in one read.
-    let ids: Vec<Uuid> = answers
+    // The rows as they are stored (with their first event), taken before the commit: a
+    // read after it could fail, and a failure after the commit must never send the batch
+    // round again (its jobs would be stored twice).
+    let rows: HashMap<Uuid, job::Model> = answers
         .iter()
         .filter_map(|a| match a {
-            Answer::Inserted(id, false) => Some(*id),
+            Answer::Inserted(id, false) => lc.job(id).map(|m| (*id, m.clone())),
             _ => None,
         })
         .collect();
-    let mut rows: HashMap<Uuid, job::Model> = HashMap::new();
-    for chunk in ids.chunks(500) {
-        for m in job::Entity::find()
-            .filter(job::Column::Id.is_in(chunk.to_vec()))
-            .all(env.store.db())
-            .await?
-        {
-            rows.insert(m.id, m);
-        }
-    }
-    answers
+    let signals = lc.flush().await?;
+    env.commit(wtx, signals).await?;
+    Ok(answers
         .into_iter()
         .map(|a| {
             let (model, deduplicated) = match a {
@@ -175,5 +169,5 @@ async fn commit(
                 deduplicated,
             })
         })
-        .collect()
+        .collect())
 }

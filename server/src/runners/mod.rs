@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     capacity, commands,
-    error::{Error, Result},
+    error::{Error, Result, check_text},
     jobs::lifecycle::Env,
     jobs::spec,
     leases,
@@ -33,13 +33,7 @@ use state::{Event, state_of};
 const MAX_REASON: usize = 1024;
 
 fn check_reason(field: &str, reason: &str) -> Result<()> {
-    if reason.len() > MAX_REASON {
-        return Err(Error::invalid(
-            field,
-            format!("must be at most {MAX_REASON} bytes"),
-        ));
-    }
-    Ok(())
+    check_text(field, reason, MAX_REASON)
 }
 
 /// Registers runner `id`, whose credential hashes to `credential_hash` (see
@@ -51,9 +45,10 @@ pub async fn register(
     credential_hash: String,
     mut req: pb::RegisterRequest,
 ) -> Result<()> {
-    if req.name.is_empty() || req.name.len() > 128 {
-        return Err(Error::invalid("name", "must be 1..=128 bytes"));
+    if req.name.is_empty() {
+        return Err(Error::invalid("name", "must not be empty"));
     }
+    check_text("name", &req.name, 128)?;
     spec::check_labels("labels", &req.labels)?;
     if req.capacity == 0 || req.capacity > 1024 {
         return Err(Error::invalid("capacity", "must be within 1..=1024"));
@@ -75,12 +70,8 @@ pub async fn register(
         }
         spec::check_label_value(&format!("queues[{i}]"), q, 63)?;
     }
-    if req.version.len() > 128 {
-        return Err(Error::invalid("version", "must be at most 128 bytes"));
-    }
-    if req.hostname.len() > 255 {
-        return Err(Error::invalid("hostname", "must be at most 255 bytes"));
-    }
+    check_text("version", &req.version, 128)?;
+    check_text("hostname", &req.hostname, 255)?;
     if req.queues.is_empty() {
         // Stored explicitly, so readers never need to know the default.
         req.queues = vec![spec::DEFAULT_QUEUE.to_string()];

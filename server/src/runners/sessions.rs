@@ -19,7 +19,7 @@ use uuid::Uuid;
 use super::state::{self, Event, state_of};
 use crate::{
     batch::{GroupCommit, Queue},
-    error::{Error, Result},
+    error::{Error, Result, check_text},
     jobs::lifecycle::Env,
     leases::{self, Account, CHUNK, settle},
     signals::Signals,
@@ -61,12 +61,7 @@ pub fn start(env: Env, queue: Queue<(Uuid, pb::Hello), Opened>) {
 
 /// Checks a hello: its held leases and its drain reason.
 fn check(hello: &pb::Hello) -> Result<Vec<(Uuid, Uuid)>> {
-    if hello.drain_reason.len() > MAX_REASON {
-        return Err(Error::invalid(
-            "hello.drain_reason",
-            format!("must be at most {MAX_REASON} bytes"),
-        ));
-    }
+    check_text("hello.drain_reason", &hello.drain_reason, MAX_REASON)?;
     leases::parse_held("hello.held", &hello.held)
 }
 
