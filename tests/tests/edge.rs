@@ -999,6 +999,14 @@ async fn text_with_nul_is_refused_naming_the_field_and_changes_nothing(db: Db) {
     assert_eq!(job.status, JobStatus::Failed as i32);
     assert_eq!(job.failure_message, "exited 3");
 
+    let mut keyed = sh("x");
+    keyed.idempotency_key = "k\0".into();
+    let err = jobs
+        .submit_job(pb::SubmitJobRequest { spec: Some(keyed) })
+        .await
+        .expect_err("NUL in idempotency key");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("spec.idempotency_key"), "{err:?}");
     let queued = submit(&mut jobs, sh("x")).await;
     let err = jobs
         .cancel_job(pb::CancelJobRequest {
@@ -1009,7 +1017,10 @@ async fn text_with_nul_is_refused_naming_the_field_and_changes_nothing(db: Db) {
         .expect_err("NUL in reason");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("reason"), "{err:?}");
-    assert_eq!(get(&mut jobs, &queued).await.status, JobStatus::Queued as i32);
+    assert_eq!(
+        get(&mut jobs, &queued).await.status,
+        JobStatus::Queued as i32
+    );
     let err = admin
         .drain_runner(pb::DrainRunnerRequest {
             runner_id: runner.id.clone(),

@@ -248,12 +248,7 @@ pub fn validate(spec: Option<JobSpec>, default_timeout_seconds: u32) -> Result<J
     if !spec.lock_key.is_empty() {
         check_label_value("spec.lock_key", &spec.lock_key, MAX_KEY_BYTES)?;
     }
-    if spec.idempotency_key.len() > MAX_KEY_BYTES {
-        return Err(invalid(
-            "spec.idempotency_key",
-            format!("must be at most {MAX_KEY_BYTES} bytes"),
-        ));
-    }
+    crate::error::check_text("spec.idempotency_key", &spec.idempotency_key, MAX_KEY_BYTES)?;
     if let Some(res) = &spec.resources
         && res.memory_bytes != 0
         && res.memory_bytes < MIN_MEMORY_BYTES

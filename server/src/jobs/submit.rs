@@ -54,7 +54,9 @@ async fn alone(
 ) -> Result<pb::SubmitJobResponse> {
     let key = spec.idempotency_key.clone();
     match commit(env, &[(spec, retried_from)]).await {
-        Ok(mut r) => r.pop().unwrap_or_else(|| Err(Error::Internal("no answer".into()))),
+        Ok(mut r) => r
+            .pop()
+            .unwrap_or_else(|| Err(Error::Internal("no answer".into()))),
         Err(e) => {
             if !key.is_empty()
                 && let Some(existing) = job::Entity::find()
