@@ -21,11 +21,12 @@
 //!   vanish into it);
 //! - a report batch could not be stored, or the server is stopping: UNAVAILABLE — reconnect
 //!   and send unacknowledged reports again.
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use gantry_proto as pb;
 use pb::{session_request::Kind as In, session_response::Kind as Out};
-use tokio::sync::{mpsc, watch};
+use prost::Message as _;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tonic::{Status, Streaming};
 use uuid::Uuid;
 
@@ -39,9 +40,13 @@ use crate::{
 pub const OUTBOUND_BUFFER: usize = 256;
 /// Runner messages buffered before reading pauses (backpressure).
 const INBOUND_BUFFER: usize = 256;
+/// Encoded bytes of runner messages read but not yet handled, at most: reading pauses past
+/// this (one message larger than it still passes alone), so a session holds a few MiB of
+/// input while the ingester is slow, not `INBOUND_BUFFER` messages of the largest size.
+const INBOUND_BYTES: usize = 8 * 1024 * 1024;
 /// Runner messages handled together at most.
 const DRAIN_AT_ONCE: usize = 256;
-/// Log bytes of merged report batches stored in one go.
+/// Encoded bytes of merged report batches stored in one go.
 const MERGED_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 /// Messages toward the runner, boxed: a response inline is 448 bytes, and the channel's
@@ -57,7 +62,8 @@ enum Flow {
 
 /// What the reader task passes on from the runner's stream.
 enum Inbound {
-    Message(pb::SessionRequest),
+    /// A message, with its share of [`INBOUND_BYTES`] (given back when it is dropped).
+    Message(pb::SessionRequest, OwnedSemaphorePermit),
     /// The stream failed (a message too large or undecodable, or a broken connection).
     Broken(Status),
 }
@@ -176,10 +182,18 @@ impl Session {
         }
         // Reader task: turns the inbound stream into a cancel-safe channel.
         let (tx, rx) = mpsc::channel(INBOUND_BUFFER);
+        let budget = Arc::new(Semaphore::new(INBOUND_BYTES));
         tokio::spawn(async move {
             loop {
                 let item = match inbound.message().await {
-                    Ok(Some(msg)) => Inbound::Message(msg),
+                    Ok(Some(msg)) => {
+                        let size = msg.encoded_len().clamp(1, INBOUND_BYTES);
+                        let share = u32::try_from(size).unwrap_or(u32::MAX);
+                        let Ok(permit) = budget.clone().acquire_many_owned(share).await else {
+                            return;
+                        };
+                        Inbound::Message(msg, permit)
+                    }
                     Ok(None) => return,
                     Err(status) => Inbound::Broken(status),
                 };
@@ -229,15 +243,20 @@ impl Session {
                 Wake::Inbound(Some(Inbound::Broken(broken))) => {
                     return status::inbound(&broken).map_or(Ok(()), Err);
                 }
-                Wake::Inbound(Some(Inbound::Message(first))) => {
+                Wake::Inbound(Some(Inbound::Message(first, share))) => {
                     last_heard = tokio::time::Instant::now();
                     // Everything the runner has sent meanwhile is handled together:
                     // consecutive report batches become one (one group commit, one ack),
-                    // and credits add up before the next claim.
+                    // and credits add up before the next claim. Their shares of the
+                    // input budget are held until they are handled.
                     let mut msgs = vec![first];
+                    let mut shares = vec![share];
                     while msgs.len() < DRAIN_AT_ONCE {
                         match rx.try_recv() {
-                            Ok(Inbound::Message(m)) => msgs.push(m),
+                            Ok(Inbound::Message(m, share)) => {
+                                msgs.push(m);
+                                shares.push(share);
+                            }
                             Ok(Inbound::Broken(broken)) => {
                                 Box::pin(self.on_messages(msgs)).await?;
                                 return status::inbound(&broken).map_or(Ok(()), Err);
@@ -245,7 +264,9 @@ impl Session {
                             Err(_) => break,
                         }
                     }
-                    if let Flow::Gone = Box::pin(self.on_messages(msgs)).await? {
+                    let flow = Box::pin(self.on_messages(msgs)).await?;
+                    drop(shares);
+                    if let Flow::Gone = flow {
                         return Ok(());
                     }
                 }
@@ -279,15 +300,8 @@ impl Session {
         let mut merged_bytes = 0usize;
         for msg in msgs {
             if let Some(In::Reports(batch)) = msg.kind {
-                // Bounded: a merged batch holds a few MiB of output at most.
-                merged_bytes += batch
-                    .reports
-                    .iter()
-                    .map(|r| match &r.body {
-                        Some(pb::report::Body::Log(l)) => l.data.len(),
-                        _ => 0,
-                    })
-                    .sum::<usize>();
+                // Bounded: a merged batch holds a few MiB of reports at most.
+                merged_bytes += batch.encoded_len();
                 reports.extend(batch.reports);
                 if merged_bytes >= MERGED_BATCH_BYTES {
                     merged_bytes = 0;
