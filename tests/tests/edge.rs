@@ -287,14 +287,10 @@ async fn a_deregistered_runners_credential_is_refused(db: Db) {
     assert_eq!(err.code(), Code::Unauthenticated);
     let err = refused_session(&mut runner).await;
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
-    let r = admin
-        .get_runner(pb::GetRunnerRequest {
-            runner_id: runner.id.clone(),
-        })
-        .await
-        .expect("get runner")
-        .into_inner();
-    assert_eq!(r.state, pb::RunnerState::Offline as i32);
+    assert_eq!(
+        runner_state(&mut admin, &runner.id).await,
+        pb::RunnerState::Offline
+    );
     assert_eq!(get(&mut jobs, &id).await.status, JobStatus::Queued as i32);
     server.stop().await;
 }
@@ -313,6 +309,21 @@ async fn refused_session(runner: &mut TestRunner) -> tonic::Status {
             other => panic!("the session was not refused: {other:?}"),
         },
     }
+}
+
+/// The state runner `id` is in, as AdminService.GetRunner says.
+async fn runner_state(
+    admin: &mut pb::admin_service_client::AdminServiceClient<Authed>,
+    id: &str,
+) -> pb::RunnerState {
+    let runner = admin
+        .get_runner(pb::GetRunnerRequest {
+            runner_id: id.into(),
+        })
+        .await
+        .expect("get runner")
+        .into_inner();
+    pb::RunnerState::try_from(runner.state).expect("a known runner state")
 }
 
 /// Waits until retention has deleted runner `id` (GetRunner says NOT_FOUND).
@@ -697,14 +708,10 @@ async fn a_draining_runner_says_so_in_its_hello(db: Db) {
             .into_inner(),
     };
     assert!(matches!(session.next().await, Out::Welcome(_)));
-    let r = admin
-        .get_runner(pb::GetRunnerRequest {
-            runner_id: runner.id.clone(),
-        })
-        .await
-        .expect("get runner")
-        .into_inner();
-    assert_eq!(r.state, pb::RunnerState::Draining as i32);
+    assert_eq!(
+        runner_state(&mut admin, &runner.id).await,
+        pb::RunnerState::Draining
+    );
     session
         .send(pb::session_request::Kind::Heartbeat(
             pb::HeartbeatRequest::default(),
@@ -1029,13 +1036,9 @@ async fn text_with_nul_is_refused_naming_the_field_and_changes_nothing(db: Db) {
         .await
         .expect_err("NUL in reason");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    let r = admin
-        .get_runner(pb::GetRunnerRequest {
-            runner_id: runner.id.clone(),
-        })
-        .await
-        .expect("get runner")
-        .into_inner();
-    assert_eq!(r.state, pb::RunnerState::Online as i32);
+    assert_eq!(
+        runner_state(&mut admin, &runner.id).await,
+        pb::RunnerState::Online
+    );
     server.stop().await;
 }
