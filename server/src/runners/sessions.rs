@@ -91,15 +91,42 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
     let now = lc.now;
-    let mut rows: HashMap<Uuid, runner::Model> = HashMap::new();
+    // What an opening needs of a runner, never whole rows: their registration blobs, for
+    // thousands of runners opening at once, cost time and memory.
+    let mut rows: HashMap<Uuid, Facts> = HashMap::new();
     for chunk in ids.chunks(CHUNK) {
         let mut q = runner::Entity::find()
+            .select_only()
+            .columns([
+                runner::Column::Id,
+                runner::Column::State,
+                runner::Column::RevokedAt,
+                runner::Column::SessionEpoch,
+                runner::Column::Capacity,
+                runner::Column::AckedCommandSeq,
+            ])
             .filter(runner::Column::Id.is_in(chunk.iter().copied()))
             .order_by_asc(runner::Column::Id);
         if env.store.is_postgres() {
             q = q.lock_exclusive();
         }
-        rows.extend(q.all(lc.txn()).await?.into_iter().map(|r| (r.id, r)));
+        let found: Vec<(Uuid, i32, Option<i64>, i64, i32, i64)> =
+            q.into_tuple().all(lc.txn()).await?;
+        rows.extend(found.into_iter().map(
+            |(id, state, revoked_at, session_epoch, capacity, acked_command_seq)| {
+                (
+                    id,
+                    Facts {
+                        id,
+                        state,
+                        revoked: revoked_at.is_some(),
+                        session_epoch,
+                        capacity,
+                        acked_command_seq,
+                    },
+                )
+            },
+        ));
     }
     // Operators' drains not yet acknowledged, for every runner at once (acknowledged
     // commands are deleted, so there are few rows to read).
@@ -135,7 +162,7 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
                 answers[i] = Err(Error::unknown_runner(*id));
                 continue;
             }
-            Some(r) if r.revoked_at.is_some() => {
+            Some(r) if r.revoked => {
                 answers[i] = Err(Error::revoked_runner(*id));
                 continue;
             }
@@ -195,6 +222,16 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
         });
     }
     Ok(answers)
+}
+
+/// The columns of a runner's row that an opening reads.
+struct Facts {
+    id: Uuid,
+    state: i32,
+    revoked: bool,
+    session_epoch: i64,
+    capacity: i32,
+    acked_command_seq: i64,
 }
 
 /// The answer to a hello that a later hello of the same runner replaced.
