@@ -569,7 +569,8 @@ impl TestRunner {
             .map(|r| r.into_inner())
     }
 
-    /// Opens a Session with `free_slots` credits; returns the stream ends.
+    /// Opens a Session with `free_slots` credits, holding `held` (see [`holding`]); returns
+    /// the stream ends.
     pub async fn session(&mut self, free_slots: u32, held: Vec<pb::LeaseRef>) -> Session {
         let (tx, rx) = mpsc::channel(64);
         tx.send(pb::SessionRequest {
@@ -661,6 +662,14 @@ pub fn status(s: pb::JobStatus) -> pb::report::Body {
         exit_code: matches!(s, pb::JobStatus::Succeeded).then_some(0),
         ..Default::default()
     })
+}
+
+/// A hello's `held` that lists the attempt of assignment `a`.
+pub fn holding(a: &pb::Assignment) -> Vec<pb::LeaseRef> {
+    vec![pb::LeaseRef {
+        job_id: a.job_id.clone(),
+        lease_id: a.lease_id.clone(),
+    }]
 }
 
 /// A report body: stdout bytes at offset.

@@ -949,15 +949,7 @@ async fn text_with_nul_is_refused_naming_the_field_and_changes_nothing(db: Db) {
     let mut runner = server.runner("nul", &[], 1).await;
     let id = submit(&mut jobs, sh("x")).await;
     let a = runner.claim_one().await;
-    let mut session = runner
-        .session(
-            0,
-            vec![pb::LeaseRef {
-                job_id: id.clone(),
-                lease_id: a.lease_id.clone(),
-            }],
-        )
-        .await;
+    let mut session = runner.session(0, holding(&a)).await;
     let mk = |seq, message: &str| pb::Report {
         job_id: id.clone(),
         lease_id: a.lease_id.clone(),

@@ -69,12 +69,7 @@ async fn unary_path_runs_a_job_to_success(db: Db) {
     runner.report(&a, stdout(6, b"world\n")).await.expect("log");
     let hb = runner
         .client
-        .heartbeat(pb::HeartbeatRequest {
-            held: vec![pb::LeaseRef {
-                job_id: a.job_id.clone(),
-                lease_id: a.lease_id.clone(),
-            }],
-        })
+        .heartbeat(pb::HeartbeatRequest { held: holding(&a) })
         .await
         .expect("heartbeat")
         .into_inner();
@@ -147,10 +142,7 @@ async fn session_path_pushes_work_and_acks_reports(db: Db) {
     assert_eq!(acks.acks[0].acked_sequence, 3);
     session
         .send(pb::session_request::Kind::Heartbeat(pb::HeartbeatRequest {
-            held: vec![pb::LeaseRef {
-                job_id: a.job_id.clone(),
-                lease_id: a.lease_id.clone(),
-            }],
+            held: holding(&a),
         }))
         .await;
     loop {
@@ -283,26 +275,13 @@ async fn stale_and_foreign_leases_are_fenced(db: Db) {
     // Heartbeat tells the old holder which lease it lost.
     let hb = owner
         .client
-        .heartbeat(pb::HeartbeatRequest {
-            held: vec![pb::LeaseRef {
-                job_id: a1.job_id.clone(),
-                lease_id: a1.lease_id.clone(),
-            }],
-        })
+        .heartbeat(pb::HeartbeatRequest { held: holding(&a1) })
         .await
         .expect("heartbeat")
         .into_inner();
     assert_eq!(hb.revoked.len(), 1);
     // On a session, a fenced report comes back as `rejected` with the code.
-    let mut session = owner
-        .session(
-            0,
-            vec![pb::LeaseRef {
-                job_id: a1.job_id.clone(),
-                lease_id: a1.lease_id.clone(),
-            }],
-        )
-        .await;
+    let mut session = owner.session(0, holding(&a1)).await;
     session
         .send(pb::session_request::Kind::Reports(pb::ReportBatch {
             reports: vec![pb::Report {
@@ -629,10 +608,7 @@ async fn restart_keeps_every_acknowledged_report(db: Db) {
     let mut runner = server.runner("r", &[], 1).await;
     let id = submit(&mut jobs, sh("echo long")).await;
     let a = runner.claim_one().await;
-    let held = vec![pb::LeaseRef {
-        job_id: id.clone(),
-        lease_id: a.lease_id.clone(),
-    }];
+    let held = holding(&a);
     let mut session = runner.session(0, held).await;
     let mut expected = Vec::new();
     let mut reports = vec![pb::Report {
@@ -659,15 +635,7 @@ async fn restart_keeps_every_acknowledged_report(db: Db) {
 
     let mut jobs = server.jobs().await;
     runner.reconnect(&server).await;
-    let mut session = runner
-        .session(
-            0,
-            vec![pb::LeaseRef {
-                job_id: id.clone(),
-                lease_id: a.lease_id.clone(),
-            }],
-        )
-        .await;
+    let mut session = runner.session(0, holding(&a)).await;
     assert_eq!(
         logs(&mut jobs, &id).await.0,
         expected,
@@ -1083,15 +1051,7 @@ async fn a_refused_report_stops_the_rest_of_its_batch(db: Db) {
     let mut runner = server.runner("r", &[], 1).await;
     let id = submit(&mut jobs, sh("x")).await;
     let a = runner.claim_one().await;
-    let mut session = runner
-        .session(
-            0,
-            vec![pb::LeaseRef {
-                job_id: id.clone(),
-                lease_id: a.lease_id.clone(),
-            }],
-        )
-        .await;
+    let mut session = runner.session(0, holding(&a)).await;
     let mk = |seq, body| pb::Report {
         job_id: id.clone(),
         lease_id: a.lease_id.clone(),
@@ -1144,15 +1104,7 @@ async fn a_runner_drains_itself_then_deregisters_releasing_what_it_held(db: Db) 
         .report(&assignment, status(JobStatus::Running))
         .await
         .expect("running");
-    let session = runner
-        .session(
-            1,
-            vec![pb::LeaseRef {
-                job_id: held.clone(),
-                lease_id: assignment.lease_id.clone(),
-            }],
-        )
-        .await;
+    let session = runner.session(1, holding(&assignment)).await;
     session
         .send(pb::session_request::Kind::Drain(pb::SessionDrain {
             reason: "SIGTERM".into(),

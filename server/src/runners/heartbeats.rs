@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 
 use gantry_proto as pb;
-use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QuerySelect, sea_query::Expr};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, sea_query::Expr};
 use uuid::Uuid;
 
 use super::state::{self, Event, state_of};
@@ -62,37 +62,15 @@ async fn write_beats(env: &Env, beats: Vec<Beat>) -> Result<Vec<Result<Beaten>>>
     let mut ids: Vec<Uuid> = beats.iter().map(|b| b.runner).collect();
     ids.sort();
     ids.dedup();
-    // What a heartbeat needs of a runner: never whole rows (their registration blobs, for
-    // thousands of runners at once, cost resident memory the server kept).
-    let mut rows: HashMap<Uuid, (i32, i64, i64, Option<i64>)> = HashMap::new();
-    for chunk in ids.chunks(CHUNK) {
-        let found: Vec<(Uuid, i32, i64, i64, Option<i64>)> = runner::Entity::find()
-            .select_only()
-            .columns([
-                runner::Column::Id,
-                runner::Column::State,
-                runner::Column::LastHeartbeat,
-                runner::Column::AckedCommandSeq,
-                runner::Column::RevokedAt,
-            ])
-            .filter(runner::Column::Id.is_in(chunk.iter().copied()))
-            .into_tuple()
-            .all(lc.txn())
-            .await?;
-        rows.extend(
-            found
-                .into_iter()
-                .map(|(id, state, last, acked, revoked)| (id, (state, last, acked, revoked))),
-        );
-    }
+    let rows = super::facts(lc.txn(), &ids, false).await?;
     let mut accounts = Vec::new();
     let mut valid = Vec::new();
     for (i, beat) in beats.iter().enumerate() {
-        if let Some((_, last, _, None)) = rows.get(&beat.runner) {
+        if let Some(row) = rows.get(&beat.runner).filter(|r| !r.revoked) {
             accounts.push(Account {
                 runner: beat.runner,
                 held: beat.held.clone(),
-                dropped_before: *last,
+                dropped_before: row.last_heartbeat,
             });
             valid.push(i);
         }
@@ -111,11 +89,11 @@ async fn write_beats(env: &Env, beats: Vec<Beat>) -> Result<Vec<Result<Beaten>>>
     let mut moves: HashMap<(i32, i32), Vec<Uuid>> = HashMap::new();
     let mut after: HashMap<Uuid, i32> = HashMap::new();
     for id in &live {
-        if let Some((state, ..)) = rows.get(id) {
-            let to = state::next(state_of(*state), Event::Heartbeat) as i32;
+        if let Some(row) = rows.get(id) {
+            let to = state::next(state_of(row.state), Event::Heartbeat) as i32;
             after.insert(*id, to);
-            if to != *state {
-                moves.entry((*state, to)).or_default().push(*id);
+            if to != row.state {
+                moves.entry((row.state, to)).or_default().push(*id);
             }
         }
     }
@@ -134,17 +112,19 @@ async fn write_beats(env: &Env, beats: Vec<Beat>) -> Result<Vec<Result<Beaten>>>
         .iter()
         .map(|b| match rows.get(&b.runner) {
             None => Err(Error::unknown_runner(b.runner)),
-            Some((_, _, _, Some(_))) => Err(Error::revoked_runner(b.runner)),
+            Some(r) if r.revoked => Err(Error::revoked_runner(b.runner)),
             Some(_) => Err(Error::Internal("heartbeat not answered".into())),
         })
         .collect();
     for i in valid {
         let runner = beats[i].runner;
-        let (state, _, acked, _) = rows.get(&runner).copied().unwrap_or_default();
+        let Some(row) = rows.get(&runner) else {
+            continue;
+        };
         answers[i] = Ok(Beaten {
             until,
-            state: after.get(&runner).copied().unwrap_or(state),
-            acked_command_seq: acked,
+            state: after.get(&runner).copied().unwrap_or(row.state),
+            acked_command_seq: row.acked_command_seq,
             revoked: revoked.next().unwrap_or_default(),
         });
     }

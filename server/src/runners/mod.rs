@@ -115,6 +115,71 @@ async fn live_row(txn: &impl ConnectionTrait, id: Uuid) -> Result<runner::Model>
     Ok(row)
 }
 
+/// What a heartbeat or a session opening needs of a runner's row: never the whole row
+/// (its registration blob, for thousands of runners at once, costs time and memory).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Facts {
+    pub state: i32,
+    pub last_heartbeat: i64,
+    pub acked_command_seq: i64,
+    pub revoked: bool,
+    pub session_epoch: i64,
+    pub capacity: i32,
+}
+
+/// The columns [`facts`] reads: id, state, last heartbeat, acknowledged command sequence,
+/// revoked at, session epoch, capacity.
+type FactsRow = (Uuid, i32, i64, i64, Option<i64>, i64, i32);
+
+/// The [`Facts`] of runners `ids` that exist, locked (in id order) when `lock` is set.
+pub(crate) async fn facts(
+    txn: &impl ConnectionTrait,
+    ids: &[Uuid],
+    lock: bool,
+) -> Result<HashMap<Uuid, Facts>> {
+    let mut rows = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(leases::CHUNK) {
+        let mut q = runner::Entity::find()
+            .select_only()
+            .columns([
+                runner::Column::Id,
+                runner::Column::State,
+                runner::Column::LastHeartbeat,
+                runner::Column::AckedCommandSeq,
+                runner::Column::RevokedAt,
+                runner::Column::SessionEpoch,
+                runner::Column::Capacity,
+            ])
+            .filter(runner::Column::Id.is_in(chunk.iter().copied()));
+        if lock {
+            q = q.order_by_asc(runner::Column::Id).lock_exclusive();
+        }
+        let found: Vec<FactsRow> = q.into_tuple().all(txn).await?;
+        rows.extend(found.into_iter().map(
+            |(
+                id,
+                state,
+                last_heartbeat,
+                acked_command_seq,
+                revoked_at,
+                session_epoch,
+                capacity,
+            )| {
+                let facts = Facts {
+                    state,
+                    last_heartbeat,
+                    acked_command_seq,
+                    revoked: revoked_at.is_some(),
+                    session_epoch,
+                    capacity,
+                };
+                (id, facts)
+            },
+        ));
+    }
+    Ok(rows)
+}
+
 /// Writes the state `event` leads to, when it differs.
 async fn transition(
     txn: &impl ConnectionTrait,

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use gantry_proto as pb;
 use prost::Message;
 use sea_orm::{
-    ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    ColumnTrait, EntityTrait, QueryFilter, QuerySelect,
     sea_query::{Expr, ExprTrait},
 };
 use uuid::Uuid;
@@ -91,43 +91,7 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
     let now = lc.now;
-    // What an opening needs of a runner, never whole rows: their registration blobs, for
-    // thousands of runners opening at once, cost time and memory.
-    let mut rows: HashMap<Uuid, Facts> = HashMap::new();
-    for chunk in ids.chunks(CHUNK) {
-        let mut q = runner::Entity::find()
-            .select_only()
-            .columns([
-                runner::Column::Id,
-                runner::Column::State,
-                runner::Column::RevokedAt,
-                runner::Column::SessionEpoch,
-                runner::Column::Capacity,
-                runner::Column::AckedCommandSeq,
-            ])
-            .filter(runner::Column::Id.is_in(chunk.iter().copied()))
-            .order_by_asc(runner::Column::Id);
-        if env.store.is_postgres() {
-            q = q.lock_exclusive();
-        }
-        let found: Vec<(Uuid, i32, Option<i64>, i64, i32, i64)> =
-            q.into_tuple().all(lc.txn()).await?;
-        rows.extend(found.into_iter().map(
-            |(id, state, revoked_at, session_epoch, capacity, acked_command_seq)| {
-                (
-                    id,
-                    Facts {
-                        id,
-                        state,
-                        revoked: revoked_at.is_some(),
-                        session_epoch,
-                        capacity,
-                        acked_command_seq,
-                    },
-                )
-            },
-        ));
-    }
+    let rows = super::facts(lc.txn(), &ids, env.store.is_postgres()).await?;
     // Operators' drains not yet acknowledged, for every runner at once (acknowledged
     // commands are deleted, so there are few rows to read).
     let mut draining: HashSet<Uuid> = HashSet::new();
@@ -183,7 +147,7 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
             held: held.remove(&i).unwrap_or_default(),
             dropped_before: now,
         });
-        opening.push((i, row.id, row.session_epoch + 1, row.capacity));
+        opening.push((i, *id, row.session_epoch + 1, row.capacity));
     }
     for ((from, to), ids) in moves {
         runner::Entity::update_many()
@@ -222,16 +186,6 @@ async fn open(env: &Env, hellos: Vec<(Uuid, pb::Hello)>) -> Result<Vec<Result<Op
         });
     }
     Ok(answers)
-}
-
-/// The columns of a runner's row that an opening reads.
-struct Facts {
-    id: Uuid,
-    state: i32,
-    revoked: bool,
-    session_epoch: i64,
-    capacity: i32,
-    acked_command_seq: i64,
 }
 
 /// The answer to a hello that a later hello of the same runner replaced.
