@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "gantry/v1/jobs.proto",
     "gantry/v1/runner.proto",
     "gantry/v1/admin.proto",
+    "gantry/v1/sandbox.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

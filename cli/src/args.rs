@@ -9,9 +9,11 @@ use gantry_proto as pb;
 ///
 /// Exit status: 0 success; 1 the server refused the request (the message says why); 2 a bad
 /// command line; 3 the server cannot be reached; 4 authentication failed. Commands that wait
-/// for a job (`submit --wait/--follow`, `watch`) exit with the job's own exit code, or 124
-/// when it timed out, 125 when it failed without an exit code (e.g. its image was
-/// unavailable or its runner was lost), 130 when it was canceled.
+/// for a job (`submit --wait/--follow`, `watch`) or a sandbox command (`exec`) exit with its
+/// own exit code, or 124 when it timed out, 125 when it failed without an exit code (e.g. its
+/// image was unavailable or its runner was lost), 130 when it was canceled. `sandbox create
+/// --wait` exits 125 when the sandbox ended before it ran; `sandbox watch` exits 0 when the
+/// sandbox ended DELETED, 125 when it ended FAILED.
 #[derive(Parser, Debug)]
 #[command(name = "gantry", version, propagate_version = true)]
 pub struct Cli {
@@ -74,6 +76,18 @@ pub enum Command {
     Cancel(CancelArgs),
     /// Submit a finished job's spec again as a new job.
     Retry(IdArg),
+    /// Sandboxes: long-lived workspaces on a runner that run commands one after another.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+    /// Run a command in a sandbox: `gantry exec SANDBOX [OPTIONS] -- COMMAND [ARGS]...`.
+    /// Prints its output and exits with its exit code.
+    ///
+    /// The command's stdout and stderr come out on ours as they arrive. Exit status: the
+    /// command's exit code; 124 when it timed out, 125 when it failed without an exit code
+    /// (e.g. its sandbox's runner was lost), 130 when it was canceled, each with a line on
+    /// stderr saying how it ended. Ctrl-C cancels the command and keeps printing its output
+    /// until it has ended; a second Ctrl-C stops waiting at once (exit status 130).
+    Exec(ExecArgs),
     /// List runners.
     Runners(RunnersArgs),
     /// Drain a runner: it takes no new work and leaves once its work is done.
@@ -305,6 +319,180 @@ pub struct DrainArgs {
     pub reason: String,
 }
 
+/// `gantry sandbox …`.
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Create a sandbox. Prints its id.
+    Create(SandboxCreateArgs),
+    /// List sandboxes, newest first.
+    #[command(visible_alias = "list")]
+    Ls(SandboxLsArgs),
+    /// Show one sandbox with its commands.
+    Get(SandboxIdArg),
+    /// Delete a sandbox: stop its running command, remove its workspace.
+    #[command(visible_alias = "delete")]
+    Rm(SandboxRmArgs),
+    /// Follow a sandbox live (lifecycle, phases, its commands and their progress) until it
+    /// ends.
+    Watch(SandboxIdArg),
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxCreateArgs {
+    /// A container of this image kept running (docker executor); each command is a `docker
+    /// exec` in it.
+    #[arg(long, conflicts_with = "process")]
+    pub image: Option<String>,
+    /// A workspace directory on the runner's host (process executor); the default without
+    /// --image.
+    #[arg(long)]
+    pub process: bool,
+    /// Queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// A label the runner must carry, KEY=VALUE (repeatable).
+    #[arg(long = "label", value_parser = key_value("--label"))]
+    pub labels: Vec<(String, String)>,
+    /// An environment variable of every command, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = key_value("--env"))]
+    pub env: Vec<(String, String)>,
+    /// Metadata for your own bookkeeping, KEY=VALUE (repeatable).
+    #[arg(long = "meta", value_parser = key_value("--meta"))]
+    pub metadata: Vec<(String, String)>,
+    /// Working directory of commands that name none.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Docker: when to pull the image.
+    #[arg(long, visible_alias = "pull-policy", value_enum)]
+    pub pull: Option<Pull>,
+    /// Memory limit: 512m, 2g, or bytes.
+    #[arg(long, value_parser = parse_bytes)]
+    pub memory: Option<u64>,
+    /// CPU limit in cores: 0.5, 2.
+    #[arg(long, value_parser = parse_cpus)]
+    pub cpus: Option<u32>,
+    /// Mutual exclusion with jobs and sandboxes of the same key, held until the sandbox ends.
+    #[arg(long = "lock", visible_alias = "lock-key")]
+    pub lock_key: Option<String>,
+    /// Delete the sandbox after this long with no command queued or running: 90, 15m, 2h
+    /// (default 10m).
+    #[arg(long, value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
+    /// Delete the sandbox this long after a runner took it, whatever it does: 2h, 1d
+    /// (default 1d, at most 7d).
+    #[arg(long, value_parser = parse_duration)]
+    pub lifetime: Option<Duration>,
+    /// Delete the sandbox once its first command has ended.
+    #[arg(long)]
+    pub one_shot: bool,
+    /// Time between the stop signal and the kill when a command is canceled or times out,
+    /// or the sandbox is deleted.
+    #[arg(long, value_parser = parse_duration)]
+    pub grace: Option<Duration>,
+    /// Creating again with the same key returns the first sandbox.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Wait until the sandbox runs (exit 125 with the reason if it ends first).
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxLsArgs {
+    /// Only sandboxes in this status (repeatable): pending, creating, starting, running,
+    /// deleting, deleted, failed.
+    #[arg(long = "status", value_enum)]
+    pub statuses: Vec<SandboxStatus>,
+    /// Only sandboxes of this queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Only sandboxes placed on this runner.
+    #[arg(long)]
+    pub runner: Option<String>,
+    /// Sandboxes per page (1..=1000).
+    #[arg(long, default_value_t = 50)]
+    pub limit: u32,
+    /// Continue after a previous page (its `next_page_token`).
+    #[arg(long)]
+    pub page_token: Option<String>,
+}
+
+/// Sandbox statuses, as typed on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum SandboxStatus {
+    Pending,
+    Creating,
+    Starting,
+    Running,
+    Deleting,
+    Deleted,
+    Failed,
+}
+
+impl From<SandboxStatus> for pb::SandboxStatus {
+    fn from(s: SandboxStatus) -> Self {
+        match s {
+            SandboxStatus::Pending => pb::SandboxStatus::Pending,
+            SandboxStatus::Creating => pb::SandboxStatus::Creating,
+            SandboxStatus::Starting => pb::SandboxStatus::Starting,
+            SandboxStatus::Running => pb::SandboxStatus::Running,
+            SandboxStatus::Deleting => pb::SandboxStatus::Deleting,
+            SandboxStatus::Deleted => pb::SandboxStatus::Deleted,
+            SandboxStatus::Failed => pb::SandboxStatus::Failed,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxIdArg {
+    /// Sandbox id.
+    pub id: String,
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxRmArgs {
+    /// Sandbox id.
+    pub id: String,
+    /// Why (recorded in its events).
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    /// Wait until the sandbox has ended: its runner stopped it and removed its workspace
+    /// (deleted), or it failed. Exits 0 either way; the line printed says which.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Sandbox id.
+    pub sandbox: String,
+    /// An environment variable of the command, over the sandbox's, NAME=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = key_value("--env"))]
+    pub env: Vec<(String, String)>,
+    /// Working directory of the command (default: the sandbox's).
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Time limit of the command: 90, 90s, 15m, 2h (default 1h).
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Give the command this file as its standard input (at most 1 MiB).
+    #[arg(long, value_name = "PATH", conflicts_with = "stdin")]
+    pub stdin_file: Option<PathBuf>,
+    /// Give the command all of this program's standard input (read to its end; at most
+    /// 1 MiB). Without --stdin or --stdin-file the command's standard input is empty.
+    #[arg(long, short = 'i')]
+    pub stdin: bool,
+    /// Running again with the same key returns the first command (and its output).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Print the command's id and return at once instead of printing its output.
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
 /// A parser of KEY=VALUE for `flag`.
 fn key_value(flag: &'static str) -> impl Fn(&str) -> Result<(String, String), String> + Clone {
     move |s: &str| match s.split_once('=') {
@@ -332,6 +520,19 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         _ => return Err(bad()),
     };
     n.checked_mul(ms).map(Duration::from_millis).ok_or_else(bad)
+}
+
+/// Whole seconds for a duration field of the proto, rounded up (`500ms` is 1 s, not the
+/// field's default 0); a value past the field's range goes as `u32::MAX`, for the server to
+/// refuse naming the field.
+pub fn seconds_up(d: Duration) -> u32 {
+    u32::try_from(d.as_millis().div_ceil(1000)).unwrap_or(u32::MAX)
+}
+
+/// The proto's `cancel_grace_seconds` for a `--grace`: whole seconds, at least 1 (0 would
+/// mean the default).
+pub fn grace_seconds(d: Duration) -> u32 {
+    u32::try_from(d.as_secs().max(1)).unwrap_or(u32::MAX)
 }
 
 /// `512m`, `2g`, `64k`, or bytes.

@@ -23,6 +23,14 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     /// Authentication failed.
     pub const AUTH: u8 = 4;
+    /// The awaited job or command ran past its timeout.
+    pub const TIMED_OUT: u8 = 124;
+    /// The awaited job or command failed without an exit code of its own (image unavailable,
+    /// runner lost …), or the awaited sandbox ended before it ran.
+    pub const NO_EXIT_CODE: u8 = 125;
+    /// The awaited job or command was canceled (or, for `exec`, a second Ctrl-C stopped the
+    /// waiting).
+    pub const CANCELED: u8 = 130;
 }
 
 /// An error for the user: one line and an exit status.
@@ -145,6 +153,8 @@ pub struct Clients {
     pub jobs: pb::job_service_client::JobServiceClient<Authed>,
     /// AdminService.
     pub admin: pb::admin_service_client::AdminServiceClient<Authed>,
+    /// SandboxService.
+    pub sandboxes: pb::sandbox_service_client::SandboxServiceClient<Authed>,
     /// The server URL (for messages).
     pub server: String,
 }
@@ -218,7 +228,13 @@ impl Clients {
                 channel.clone(),
                 bearer.clone(),
             ),
-            admin: pb::admin_service_client::AdminServiceClient::with_interceptor(channel, bearer),
+            admin: pb::admin_service_client::AdminServiceClient::with_interceptor(
+                channel.clone(),
+                bearer.clone(),
+            ),
+            sandboxes: pb::sandbox_service_client::SandboxServiceClient::with_interceptor(
+                channel, bearer,
+            ),
             server,
         })
     }
@@ -228,6 +244,34 @@ impl Clients {
         match self
             .jobs
             .get_job(pb::GetJobRequest { job_id: id.into() })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.error(&s)),
+        }
+    }
+
+    /// One sandbox.
+    pub async fn sandbox(&mut self, id: impl Into<String>) -> Result<pb::Sandbox> {
+        match self
+            .sandboxes
+            .get_sandbox(pb::GetSandboxRequest {
+                sandbox_id: id.into(),
+            })
+            .await
+        {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(self.error(&s)),
+        }
+    }
+
+    /// One command of a sandbox.
+    pub async fn command(&mut self, id: impl Into<String>) -> Result<pb::SandboxCommand> {
+        match self
+            .sandboxes
+            .get_command(pb::GetCommandRequest {
+                command_id: id.into(),
+            })
             .await
         {
             Ok(r) => Ok(r.into_inner()),

@@ -1,4 +1,5 @@
-//! Following a job: `watch` (a live view), `logs`, and waiting for the end.
+//! Following a job: `watch` (a live view), `logs`, and waiting for the end; the pieces
+//! sandboxes reuse (event lines, the progress bar, output chunks, exit statuses).
 use std::io::{IsTerminal as _, Write as _};
 
 use gantry_proto as pb;
@@ -7,25 +8,49 @@ use tokio_stream::StreamExt as _;
 
 use crate::{
     args::{Global, LogsArgs, Output, Stream},
-    client::{CliError, Clients, Result},
+    client::{CliError, Clients, Result, exit},
     render,
 };
+
+/// How awaited work (a job, a sandbox's command) ended, as far as the exit status goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Exited 0.
+    Succeeded,
+    /// Canceled.
+    Canceled,
+    /// Ran past its timeout.
+    TimedOut,
+    /// Failed, with the work's exit code when it exited.
+    Failed(Option<i32>),
+}
+
+impl Ended {
+    /// The exit status that stands for it (see `gantry --help`).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Ended::Succeeded => 0,
+            Ended::Canceled => exit::CANCELED,
+            Ended::TimedOut => exit::TIMED_OUT,
+            // Exit statuses are 8 bits; a code that wraps to 0 must still be a failure.
+            Ended::Failed(Some(c)) if c != 0 => match (c & 0xff) as u8 {
+                0 => 1,
+                n => n,
+            },
+            Ended::Failed(_) => exit::NO_EXIT_CODE,
+        }
+    }
+}
 
 /// The exit status that stands for how a finished job ended (see `gantry --help`).
 pub fn job_exit_code(job: &pb::Job) -> u8 {
     match pb::JobStatus::try_from(job.status).unwrap_or_default() {
-        pb::JobStatus::Succeeded => 0,
-        pb::JobStatus::Canceled => 130,
-        pb::JobStatus::TimedOut => 124,
-        _ => match job.exit_code {
-            // Exit statuses are 8 bits; a code that wraps to 0 must still be a failure.
-            Some(c) if c != 0 => match (c & 0xff) as u8 {
-                0 => 1,
-                n => n,
-            },
-            _ => 125,
-        },
+        pb::JobStatus::Succeeded => Ended::Succeeded,
+        pb::JobStatus::Canceled => Ended::Canceled,
+        pb::JobStatus::TimedOut => Ended::TimedOut,
+        _ => Ended::Failed(job.exit_code),
     }
+    .exit_code()
 }
 
 /// Waits (following its events) until the job is terminal.
@@ -113,20 +138,25 @@ pub async fn stream_logs(
         .into_inner();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|s| c.error(&s))?;
-        match output {
-            Output::Table => write_out(chunk.stream, &chunk.data),
-            Output::Json => println!(
-                "{}",
-                serde_json::json!({
-                    "attempt": chunk.attempt,
-                    "stream": if chunk.stream == pb::LogStream::Stderr as i32 { "stderr" } else { "stdout" },
-                    "offset": chunk.offset,
-                    "data": String::from_utf8_lossy(&chunk.data),
-                })
-            ),
-        }
+        print_chunk(&chunk, output);
     }
     Ok(())
+}
+
+/// Prints one chunk of output: its bytes to stdout or stderr as they are, or an NDJSON line.
+pub fn print_chunk(chunk: &pb::LogChunk, output: Output) {
+    match output {
+        Output::Table => write_out(chunk.stream, &chunk.data),
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({
+                "attempt": chunk.attempt,
+                "stream": if chunk.stream == pb::LogStream::Stderr as i32 { "stderr" } else { "stdout" },
+                "offset": chunk.offset,
+                "data": String::from_utf8_lossy(&chunk.data),
+            })
+        ),
+    }
 }
 
 /// `gantry logs`.
@@ -182,7 +212,76 @@ pub fn event_line(e: &pb::JobEvent) -> Option<String> {
                 l.message
             )
         }
+        pb::job_event::Kind::Sandbox(s) => {
+            let mut line = if s.from == pb::SandboxStatus::Unspecified as i32 {
+                format!("sandbox {}", render::sandbox_status_name(s.to))
+            } else {
+                format!(
+                    "sandbox {} -> {}",
+                    render::sandbox_status_name(s.from),
+                    render::sandbox_status_name(s.to)
+                )
+            };
+            let mut detail = Vec::new();
+            if let Some(k) = render::failure_name(s.failure_kind) {
+                detail.push(k);
+            }
+            if !s.runner_id.is_empty() {
+                detail.push(format!("runner {}", s.runner_id));
+            }
+            if !s.container_id.is_empty() {
+                detail.push(format!("container {}", s.container_id));
+            }
+            if !detail.is_empty() {
+                line.push_str(&format!(" ({})", detail.join(", ")));
+            }
+            if !s.message.is_empty() {
+                line.push_str(&format!(": {}", s.message));
+            }
+            line
+        }
+        pb::job_event::Kind::Command(u) => match &u.progress {
+            Some(p) => format!(
+                "command {} progress {}% {} {}",
+                u.number, p.percent, p.stage, p.message
+            )
+            .trim_end()
+            .to_string(),
+            None => format!(
+                "command {} {}",
+                u.number,
+                render::outcome(
+                    render::command_status_name(u.status),
+                    u.failure_kind,
+                    u.exit_code,
+                    &u.message
+                )
+            ),
+        },
     })
+}
+
+/// A progress bar on stderr, as `watch` draws it, starting with `prefix`.
+pub fn live_bar(prefix: &str) -> ProgressBar {
+    let bar = ProgressBar::new(100);
+    let colour = render::colour_stderr();
+    let template = if colour {
+        "{spinner:.cyan} {prefix:.bold} [{bar:32.cyan/blue}] {pos:>3}% {wide_msg}"
+    } else {
+        "{spinner} {prefix} [{bar:32}] {pos:>3}% {wide_msg}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+/// Shows `p` on `bar`.
+pub fn show_progress(bar: &ProgressBar, p: &pb::Progress) {
+    bar.set_position(u64::from(p.percent.min(100)));
+    bar.set_message(format!("{} {}", p.stage, p.message).trim().to_string());
 }
 
 /// `gantry watch`: status changes and phases as lines, progress as a bar (on a terminal),
@@ -201,30 +300,13 @@ pub async fn watch(global: &Global, id: String) -> Result<u8> {
         .into_inner();
     // The bar draws on stderr: it is live when stderr is a terminal.
     let live = global.output == Output::Table && std::io::stderr().is_terminal();
-    let bar = live.then(|| {
-        let bar = ProgressBar::new(100);
-        let colour = render::colour_stderr();
-        let template = if colour {
-            "{spinner:.cyan} {prefix:.bold} [{bar:32.cyan/blue}] {pos:>3}% {wide_msg}"
-        } else {
-            "{spinner} {prefix} [{bar:32}] {pos:>3}% {wide_msg}"
-        };
-        if let Ok(style) = ProgressStyle::with_template(template) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_prefix("queued");
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        bar
-    });
+    let bar = live.then(|| live_bar("queued"));
     while let Some(e) = events.next().await {
         let e = e.map_err(|s| c.error(&s))?;
         match (&bar, global.output) {
             (_, Output::Json) => println!("{}", render::event_json(&e)),
             (Some(bar), _) => match &e.kind {
-                Some(pb::job_event::Kind::Progress(p)) => {
-                    bar.set_position(u64::from(p.percent.min(100)));
-                    bar.set_message(format!("{} {}", p.stage, p.message).trim().to_string());
-                }
+                Some(pb::job_event::Kind::Progress(p)) => show_progress(bar, p),
                 Some(pb::job_event::Kind::Status(s)) => {
                     bar.set_prefix(render::status_name(s.to));
                     if let Some(line) = event_line(&e) {
@@ -281,6 +363,116 @@ mod tests {
             exit_code,
             ..Default::default()
         }
+    }
+
+    fn event(kind: pb::job_event::Kind) -> pb::JobEvent {
+        pb::JobEvent {
+            job_id: "s1".into(),
+            sequence: 4,
+            at_unix_ms: 1000,
+            attempt: 0,
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn sandbox_events_read_as_lines() {
+        use pb::job_event::Kind;
+        let line = |k| event_line(&event(k)).unwrap_or_default();
+        assert_eq!(
+            line(Kind::Sandbox(pb::SandboxChange {
+                from: pb::SandboxStatus::Unspecified as i32,
+                to: pb::SandboxStatus::Pending as i32,
+                ..Default::default()
+            })),
+            "sandbox pending"
+        );
+        assert_eq!(
+            line(Kind::Sandbox(pb::SandboxChange {
+                from: pb::SandboxStatus::Starting as i32,
+                to: pb::SandboxStatus::Running as i32,
+                runner_id: "r1".into(),
+                container_id: "abc".into(),
+                ..Default::default()
+            })),
+            "sandbox starting -> running (runner r1, container abc)"
+        );
+        assert_eq!(
+            line(Kind::Sandbox(pb::SandboxChange {
+                from: pb::SandboxStatus::Running as i32,
+                to: pb::SandboxStatus::Failed as i32,
+                failure_kind: pb::FailureKind::RunnerLost as i32,
+                message: "lease expired".into(),
+                runner_id: "r1".into(),
+                ..Default::default()
+            })),
+            "sandbox running -> failed (runner_lost, runner r1): lease expired"
+        );
+        assert_eq!(
+            line(Kind::Command(pb::CommandUpdate {
+                number: 2,
+                status: pb::CommandStatus::Failed as i32,
+                failure_kind: pb::FailureKind::ExitNonzero as i32,
+                exit_code: Some(3),
+                message: "exited with code 3".into(),
+                ..Default::default()
+            })),
+            "command 2 failed (exit_nonzero, exit code 3): exited with code 3"
+        );
+        assert_eq!(
+            line(Kind::Command(pb::CommandUpdate {
+                number: 2,
+                status: pb::CommandStatus::Running as i32,
+                ..Default::default()
+            })),
+            "command 2 running"
+        );
+        assert_eq!(
+            line(Kind::Command(pb::CommandUpdate {
+                number: 2,
+                status: pb::CommandStatus::Running as i32,
+                progress: Some(pb::Progress {
+                    percent: 40,
+                    stage: "build".into(),
+                    message: String::new(),
+                }),
+                ..Default::default()
+            })),
+            "command 2 progress 40% build"
+        );
+    }
+
+    #[test]
+    fn sandbox_events_as_json_name_the_sandbox() {
+        use pb::job_event::Kind;
+        let v = render::sandbox_event_json(&event(Kind::Command(pb::CommandUpdate {
+            command_id: "c1".into(),
+            number: 1,
+            status: pb::CommandStatus::TimedOut as i32,
+            failure_kind: pb::FailureKind::Timeout as i32,
+            ..Default::default()
+        })));
+        assert_eq!(v["sandbox_id"], "s1");
+        assert!(v.get("job_id").is_none(), "{v}");
+        assert_eq!(v["type"], "command");
+        assert_eq!(v["command_id"], "c1");
+        assert_eq!(v["status"], "timed_out");
+        assert_eq!(v["failure_kind"], "timeout");
+        assert!(v["exit_code"].is_null() && v["progress"].is_null());
+        let v = render::sandbox_event_json(&event(Kind::Sandbox(pb::SandboxChange {
+            from: pb::SandboxStatus::Pending as i32,
+            to: pb::SandboxStatus::Creating as i32,
+            runner_id: "r1".into(),
+            ..Default::default()
+        })));
+        assert_eq!(v["type"], "sandbox");
+        assert_eq!(
+            (v["from"].as_str(), v["to"].as_str()),
+            (Some("pending"), Some("creating"))
+        );
+        assert_eq!(v["runner_id"], "r1");
+        assert!(v["container_id"].is_null() && v["failure_kind"].is_null());
+        assert_eq!(v["sequence"], 4);
     }
 
     #[test]

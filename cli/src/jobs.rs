@@ -2,7 +2,7 @@
 use gantry_proto as pb;
 
 use crate::{
-    args::{Global, JobsArgs, Output, SubmitArgs},
+    args::{self, Global, JobsArgs, Output, SubmitArgs},
     client::{CliError, Clients, Result},
     follow,
     render::{self, Table},
@@ -18,15 +18,11 @@ pub fn spec(args: &SubmitArgs) -> pb::JobSpec {
         priority: args.priority,
         // Zero means the server's default; anything else goes to the server as asked (it
         // names the field when the value is out of range). Sub-second values round up.
-        timeout_seconds: args.timeout.map_or(0, |t| {
-            u32::try_from(t.as_millis().div_ceil(1000)).unwrap_or(u32::MAX)
-        }),
+        timeout_seconds: args.timeout.map_or(0, args::seconds_up),
         lock_key: args.lock_key.clone().unwrap_or_default(),
         idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
         working_dir: args.workdir.clone().unwrap_or_default(),
-        cancel_grace_seconds: args
-            .grace
-            .map_or(0, |g| u32::try_from(g.as_secs().max(1)).unwrap_or(u32::MAX)),
+        cancel_grace_seconds: args.grace.map_or(0, args::grace_seconds),
         ..Default::default()
     };
     if args.retries > 0 {

@@ -3,9 +3,11 @@ mod admin;
 mod args;
 mod client;
 mod dev;
+mod exec;
 mod follow;
 mod jobs;
 mod render;
+mod sandbox;
 
 use std::process::ExitCode;
 
@@ -86,6 +88,8 @@ async fn main() -> ExitCode {
         Command::Logs(a) => follow::logs(&global, a).await,
         Command::Cancel(a) => jobs::cancel(&global, a.id, a.reason).await,
         Command::Retry(a) => jobs::retry(&global, a.id).await,
+        Command::Sandbox(a) => sandbox::run(&global, a).await,
+        Command::Exec(a) => exec::run(&global, a).await,
         Command::Runners(a) => admin::runners(&global, a).await,
         Command::Drain(a) => admin::drain(&global, a).await,
         Command::Stats => admin::stats(&global).await,

@@ -15,9 +15,6 @@ pub fn colour() -> bool {
 
 /// `text` in the colour of `status` (when colouring).
 pub fn paint_status(status: pb::JobStatus, text: &str, colour: bool) -> String {
-    if !colour {
-        return text.to_string();
-    }
     let code = match status {
         pb::JobStatus::Succeeded => "32",
         pb::JobStatus::Failed | pb::JobStatus::TimedOut => "31",
@@ -25,7 +22,41 @@ pub fn paint_status(status: pb::JobStatus, text: &str, colour: bool) -> String {
         pb::JobStatus::Running | pb::JobStatus::Assigned => "36",
         _ => "2",
     };
-    format!("\x1b[{code}m{text}\x1b[0m")
+    paint(code, text, colour)
+}
+
+/// `text` in the colour of a sandbox's `status` (when colouring): running green, on its way
+/// cyan, deleting yellow, failed red, pending and deleted dim.
+pub fn paint_sandbox_status(status: i32, text: &str, colour: bool) -> String {
+    let code = match pb::SandboxStatus::try_from(status).unwrap_or_default() {
+        pb::SandboxStatus::Running => "32",
+        pb::SandboxStatus::Creating | pb::SandboxStatus::Starting => "36",
+        pb::SandboxStatus::Deleting => "33",
+        pb::SandboxStatus::Failed => "31",
+        _ => "2",
+    };
+    paint(code, text, colour)
+}
+
+/// `text` in the colour of a command's `status` (when colouring), as a job's.
+pub fn paint_command_status(status: i32, text: &str, colour: bool) -> String {
+    let code = match pb::CommandStatus::try_from(status).unwrap_or_default() {
+        pb::CommandStatus::Succeeded => "32",
+        pb::CommandStatus::Failed | pb::CommandStatus::TimedOut => "31",
+        pb::CommandStatus::Canceled | pb::CommandStatus::Canceling => "33",
+        pb::CommandStatus::Running => "36",
+        _ => "2",
+    };
+    paint(code, text, colour)
+}
+
+/// `text` in the ANSI colour `code` (when colouring).
+fn paint(code: &str, text: &str, colour: bool) -> String {
+    if colour {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
 }
 
 /// `JOB_STATUS_TIMED_OUT` → `timed_out`.
@@ -43,7 +74,41 @@ pub fn status_name(s: i32) -> String {
     )
 }
 
-fn failure_name(s: i32) -> Option<String> {
+/// A sandbox status as users read it (`running`).
+pub fn sandbox_status_name(s: i32) -> String {
+    pb::SandboxStatus::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |s| enum_name(s.as_str_name(), "SANDBOX_STATUS_"),
+    )
+}
+
+/// A command status as users read it (`timed_out`).
+pub fn command_status_name(s: i32) -> String {
+    pb::CommandStatus::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |s| enum_name(s.as_str_name(), "COMMAND_STATUS_"),
+    )
+}
+
+/// Whether a sandbox in this status has ended (DELETED or FAILED).
+pub fn sandbox_ended(s: i32) -> bool {
+    s == pb::SandboxStatus::Deleted as i32 || s == pb::SandboxStatus::Failed as i32
+}
+
+/// Whether a command in this status has ended.
+pub fn command_ended(s: i32) -> bool {
+    s >= pb::CommandStatus::Succeeded as i32
+}
+
+fn pull_policy_name(s: i32) -> String {
+    pb::PullPolicy::try_from(s).map_or_else(
+        |_| s.to_string(),
+        |k| enum_name(k.as_str_name(), "PULL_POLICY_"),
+    )
+}
+
+/// A failure kind as users read it (`runner_lost`); `None` for no failure.
+pub fn failure_name(s: i32) -> Option<String> {
     match pb::FailureKind::try_from(s) {
         Ok(pb::FailureKind::Unspecified) => None,
         Ok(k) => Some(enum_name(k.as_str_name(), "FAILURE_KIND_")),
@@ -140,6 +205,85 @@ pub fn job_json(job: &pb::Job) -> Value {
     })
 }
 
+/// A sandbox as JSON.
+pub fn sandbox_json(sb: &pb::Sandbox) -> Value {
+    let spec = sb.spec.clone().unwrap_or_default();
+    json!({
+        "id": sb.id,
+        "status": sandbox_status_name(sb.status),
+        "failure_kind": failure_name(sb.failure_kind),
+        "message": (!sb.message.is_empty()).then_some(&sb.message),
+        "runner_id": (!sb.runner_id.is_empty()).then_some(&sb.runner_id),
+        "container_id": (!sb.container_id.is_empty()).then_some(&sb.container_id),
+        "command_count": sb.command_count,
+        "created_at_unix_ms": sb.created_at_unix_ms,
+        "started_at_unix_ms": nonzero(sb.started_at_unix_ms),
+        "finished_at_unix_ms": nonzero(sb.finished_at_unix_ms),
+        "last_activity_at_unix_ms": nonzero(sb.last_activity_at_unix_ms),
+        "expires_at_unix_ms": nonzero(sb.expires_at_unix_ms),
+        "last_event_sequence": sb.last_event_sequence,
+        "spec": {
+            "executor": executor_name(spec.executor),
+            "image": (!spec.image.is_empty()).then_some(&spec.image),
+            "env": spec.env,
+            "working_dir": (!spec.working_dir.is_empty()).then_some(&spec.working_dir),
+            "queue": spec.queue,
+            "labels": spec.labels,
+            "resources": spec.resources.map(|r| json!({
+                "memory_bytes": r.memory_bytes,
+                "cpu_millis": r.cpu_millis,
+            })),
+            "lock_key": (!spec.lock_key.is_empty()).then_some(&spec.lock_key),
+            "idle_timeout_seconds": spec.idle_timeout_seconds,
+            "max_lifetime_seconds": spec.max_lifetime_seconds,
+            "one_shot": spec.one_shot,
+            "pull_policy": pull_policy_name(spec.pull_policy),
+            "cancel_grace_seconds": spec.cancel_grace_seconds,
+            "metadata": spec.metadata,
+        },
+    })
+}
+
+/// A sandbox's command as JSON.
+pub fn command_json(cmd: &pb::SandboxCommand) -> Value {
+    let spec = cmd.spec.clone().unwrap_or_default();
+    json!({
+        "id": cmd.id,
+        "sandbox_id": cmd.sandbox_id,
+        "number": cmd.number,
+        "status": command_status_name(cmd.status),
+        "exit_code": cmd.exit_code,
+        "failure_kind": failure_name(cmd.failure_kind),
+        "failure_message": (!cmd.failure_message.is_empty()).then_some(&cmd.failure_message),
+        "created_at_unix_ms": cmd.created_at_unix_ms,
+        "started_at_unix_ms": nonzero(cmd.started_at_unix_ms),
+        "finished_at_unix_ms": nonzero(cmd.finished_at_unix_ms),
+        "progress": progress_json(&cmd.progress),
+        "stdout_bytes": cmd.stdout_bytes,
+        "stderr_bytes": cmd.stderr_bytes,
+        "stdin_bytes": cmd.stdin_bytes,
+        "spec": {
+            "argv": spec.argv,
+            "env": spec.env,
+            "working_dir": (!spec.working_dir.is_empty()).then_some(&spec.working_dir),
+            "timeout_seconds": spec.timeout_seconds,
+            "idempotency_key": (!spec.idempotency_key.is_empty()).then_some(&spec.idempotency_key),
+        },
+    })
+}
+
+/// An event of a sandbox's trail as JSON: [`event_json`] with the sandbox's id as
+/// `sandbox_id` (its trail carries it in `job_id`).
+pub fn sandbox_event_json(e: &pb::JobEvent) -> Value {
+    let mut v = event_json(e);
+    if let Some(o) = v.as_object_mut()
+        && let Some(id) = o.remove("job_id")
+    {
+        o.insert("sandbox_id".into(), id);
+    }
+    v
+}
+
 /// An event as JSON.
 pub fn event_json(e: &pb::JobEvent) -> Value {
     let mut v = json!({
@@ -158,6 +302,15 @@ pub fn event_json(e: &pb::JobEvent) -> Value {
             "phase": phase_name(p.phase), "message": p.message}),
         Some(pb::job_event::Kind::Limit(l)) => json!({"type": "limit",
             "limit": limit_name(l.limit), "value": l.value, "message": l.message}),
+        Some(pb::job_event::Kind::Sandbox(s)) => json!({"type": "sandbox",
+            "from": sandbox_status_name(s.from), "to": sandbox_status_name(s.to),
+            "failure_kind": failure_name(s.failure_kind), "message": s.message,
+            "runner_id": (!s.runner_id.is_empty()).then_some(&s.runner_id),
+            "container_id": (!s.container_id.is_empty()).then_some(&s.container_id)}),
+        Some(pb::job_event::Kind::Command(c)) => json!({"type": "command",
+            "command_id": c.command_id, "number": c.number,
+            "status": command_status_name(c.status), "failure_kind": failure_name(c.failure_kind),
+            "message": c.message, "exit_code": c.exit_code, "progress": progress_json(&c.progress)}),
         None => json!({"type": "unknown"}),
     };
     if let (Some(v), Some(k)) = (v.as_object_mut(), kind.as_object()) {
@@ -201,15 +354,31 @@ pub fn print_json(value: &Value) {
     );
 }
 
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 /// How long ago `unix_ms` was, briefly (`3s`, `5m`, `2h`, `4d`).
 pub fn ago(unix_ms: i64) -> String {
     if unix_ms == 0 {
         return "-".into();
     }
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
-    let s = ((now - unix_ms) / 1000).max(0);
+    span((now_unix_ms() - unix_ms) / 1000)
+}
+
+/// How long until `unix_ms`, briefly (`5m`); `0s` once it has passed.
+pub fn until(unix_ms: i64) -> String {
+    if unix_ms == 0 {
+        return "-".into();
+    }
+    span((unix_ms - now_unix_ms()) / 1000)
+}
+
+/// Seconds, briefly and rounded down: `3s`, `5m`, `2h`, `4d`.
+pub fn span(seconds: i64) -> String {
+    let s = seconds.max(0);
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m", s / 60),
@@ -225,11 +394,26 @@ pub fn what(spec: &pb::JobSpec) -> String {
         parts.push(format!("[{}]", spec.image));
     }
     parts.extend(spec.command.iter().chain(&spec.args).cloned());
+    short_line(&parts)
+}
+
+/// Words joined into one line of at most 48 characters.
+pub fn short_line(parts: &[String]) -> String {
     let line = parts.join(" ").replace('\n', " ");
     if line.chars().count() > 48 {
         format!("{}…", line.chars().take(47).collect::<String>())
     } else {
         line
+    }
+}
+
+/// Where a sandbox's commands run, in one short line: `docker alpine:3`, `process`.
+pub fn sandbox_executor(spec: &pb::SandboxSpec) -> String {
+    let executor = executor_name(spec.executor);
+    if spec.image.is_empty() {
+        executor
+    } else {
+        short_line(&[executor, spec.image.clone()])
     }
 }
 
@@ -313,21 +497,65 @@ pub fn status_cell(status: i32, colour: bool) -> (String, usize) {
     (paint_status(s, &name, colour), width)
 }
 
+/// A sandbox status cell (coloured when colouring).
+pub fn sandbox_status_cell(status: i32, colour: bool) -> (String, usize) {
+    let name = sandbox_status_name(status);
+    let width = name.chars().count();
+    (paint_sandbox_status(status, &name, colour), width)
+}
+
+/// A command status cell (coloured when colouring).
+pub fn command_status_cell(status: i32, colour: bool) -> (String, usize) {
+    let name = command_status_name(status);
+    let width = name.chars().count();
+    (paint_command_status(status, &name, colour), width)
+}
+
 /// Describes a failure for people: `failed (exit_nonzero, exit code 3): exited with code 3`.
 pub fn outcome_line(job: &pb::Job) -> String {
-    let mut s = status_name(job.status);
+    outcome(
+        status_name(job.status),
+        job.failure_kind,
+        job.exit_code,
+        &job.failure_message,
+    )
+}
+
+/// How a sandbox is, for people: `deleted (timeout): lifetime of 1d reached`.
+pub fn sandbox_outcome_line(sb: &pb::Sandbox) -> String {
+    outcome(
+        sandbox_status_name(sb.status),
+        sb.failure_kind,
+        None,
+        &sb.message,
+    )
+}
+
+/// How a command is, for people: `timed_out (timeout): ran past 60 s`.
+pub fn command_outcome_line(cmd: &pb::SandboxCommand) -> String {
+    outcome(
+        command_status_name(cmd.status),
+        cmd.failure_kind,
+        cmd.exit_code,
+        &cmd.failure_message,
+    )
+}
+
+/// `status (failure kind, exit code N): message`, leaving out what is absent.
+pub fn outcome(status: String, failure_kind: i32, exit_code: Option<i32>, message: &str) -> String {
+    let mut s = status;
     let mut detail = Vec::new();
-    if let Some(k) = failure_name(job.failure_kind) {
+    if let Some(k) = failure_name(failure_kind) {
         detail.push(k);
     }
-    if let Some(c) = job.exit_code {
+    if let Some(c) = exit_code {
         detail.push(format!("exit code {c}"));
     }
     if !detail.is_empty() {
         s = format!("{s} ({})", detail.join(", "));
     }
-    if !job.failure_message.is_empty() {
-        s = format!("{s}: {}", job.failure_message);
+    if !message.is_empty() {
+        s = format!("{s}: {message}");
     }
     s
 }

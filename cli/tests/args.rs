@@ -27,6 +27,8 @@ fn help_lists_every_command() {
         "logs",
         "cancel",
         "retry",
+        "sandbox",
+        "exec",
         "runners",
         "drain",
         "stats",
@@ -35,6 +37,19 @@ fn help_lists_every_command() {
         assert!(help.contains(cmd), "--help lacks {cmd}:\n{help}");
     }
     assert!(help.contains("GANTRY_SERVER") || help.contains("--server"));
+}
+
+#[test]
+fn sandbox_help_lists_its_commands() {
+    let out = gantry(&["sandbox", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for cmd in ["create", "ls", "get", "rm", "watch"] {
+        assert!(help.contains(cmd), "sandbox --help lacks {cmd}:\n{help}");
+    }
+    // Without a subcommand: the help, and the exit status of a bad command line.
+    let out = gantry(&["sandbox"]);
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -59,6 +74,30 @@ fn bad_flags_are_one_line_with_exit_status_2() {
         &["submit"],
         &["jobs", "--status", "sleeping"],
         &["completions", "tcsh"],
+        &["sandbox", "create", "--image", "alpine", "--process"],
+        &["sandbox", "create", "--lifetime", "forever"],
+        &["sandbox", "ls", "--status", "sleeping"],
+        &["sandbox", "rm"],
+        &["exec", "sb1"],
+        &[
+            "exec",
+            "sb1",
+            "--stdin",
+            "--stdin-file",
+            "in.txt",
+            "--",
+            "cat",
+        ],
+        // Checked before any connection is tried.
+        &["sandbox", "create", "--pull", "never"],
+        &[
+            "exec",
+            "sb1",
+            "--stdin-file",
+            "/nonexistent/in.txt",
+            "--",
+            "cat",
+        ],
         // Checked before any connection is tried.
         &["--server", "localhost:50051", "jobs"],
         &[

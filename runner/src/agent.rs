@@ -7,6 +7,10 @@
 //! stream has room, so the runner always keeps reading what the server pushes (cancels above
 //! all).
 //!
+//! Sandboxes are held like jobs (a slot, a lease, a stop request); what is theirs alone —
+//! their commands (`ExecCommand`), the cancels and lost leases of those commands, and the
+//! runner's drain — is handed to their task ([`crate::sandbox`]).
+//!
 //! When the stream breaks, the work keeps running and reporting into the outbox; the runner
 //! reconnects with jittered exponential backoff, says in `hello` which leases it still holds
 //! (and whether it is leaving), stops the work of any lease the server revoked meanwhile,
@@ -49,6 +53,7 @@ use crate::{
     job,
     outbox::Outbox,
     phase::{self, Action, Event, Phase},
+    sandbox,
 };
 
 /// Longest a registration made while leaving may take (the runner is on its way out).
@@ -63,14 +68,16 @@ pub enum Signal {
     StopNow(String),
 }
 
-/// A job running here.
+/// A job (or a sandbox) running here.
 struct Running {
-    /// For the logs.
+    /// For the logs (a sandbox's id).
     job_id: String,
     /// Asks the job's task to stop (cancel, drain, lost lease).
     stop: watch::Sender<Option<Stop>>,
     /// The stop grace its spec asks for.
     grace: Duration,
+    /// A sandbox's commands and drain go through this; `None` for a job.
+    sandbox: Option<sandbox::Handle>,
 }
 
 /// How a refused report is taken, by the `ReportRejected` code.
@@ -192,9 +199,15 @@ impl Runner {
             executors.push(d);
         }
         if config.offers(pb::ExecutorKind::Process) {
-            executors.push(Arc::new(ProcessExecutor::new(
-                config.state_dir.join("work"),
-            )));
+            let process = ProcessExecutor::new(config.state_dir.join("work"));
+            let removed = process.remove_orphan_workspaces().await;
+            if removed > 0 {
+                tracing::info!(
+                    removed,
+                    "removed sandbox workspaces left behind by an earlier run"
+                );
+            }
+            executors.push(Arc::new(process));
         }
         anyhow::ensure!(
             !executors.is_empty(),
@@ -211,9 +224,14 @@ impl Runner {
                 .map(|e| e.kind().as_str_name().to_string())
                 .collect(),
             queues: config.queue_list(),
+            sandboxes: true,
         };
         let mut identity = identity::load(&config.state_dir)?.unwrap_or_default();
-        if identity.runner_id.is_empty() || identity.registration != registration {
+        if identity::must_register(
+            &identity,
+            &registration,
+            config.registration_token.is_some(),
+        ) {
             connection::register(&config, &channel, &mut identity, registration).await?;
         }
         if let Some(docker) = &docker {
@@ -474,6 +492,20 @@ impl Runner {
                 Action::Fail(message) => self.end = Some(End::Fail(message)),
             }
         }
+        if let Some(reason) = self.sandbox_drain() {
+            for handle in self.jobs.values().filter_map(|j| j.sandbox.as_ref()) {
+                handle.drain(&reason);
+            }
+        }
+    }
+
+    /// Why sandboxes drain, once they do: the runner is draining (a `--once` runner whose
+    /// one job is a sandbox keeps it until its end, as it would a job).
+    fn sandbox_drain(&self) -> Option<String> {
+        match &self.phase {
+            Phase::Draining(leave) => Some(leave.reason.clone()),
+            _ => None,
+        }
     }
 
     /// Opens a session: hello, then the server's welcome. A credential the server does not
@@ -649,6 +681,7 @@ impl Runner {
             In::Command(c) => {
                 match c.kind {
                     Some(pb::command::Kind::Cancel(cancel)) => self.cancel(&cancel),
+                    Some(pb::command::Kind::Exec(exec)) => self.exec(exec),
                     Some(pb::command::Kind::Drain(d)) => {
                         // The operator's reason as given: the runner announces it in its
                         // hellos, and the server takes at most what it let the operator give.
@@ -684,6 +717,9 @@ impl Runner {
 
     fn cancel(&mut self, cancel: &pb::CancelCommand) {
         let Some(job) = self.jobs.get(&cancel.lease_id) else {
+            if let Some(sandbox) = self.sandbox_of_command(&cancel.lease_id) {
+                sandbox.cancel(cancel.clone());
+            }
             return;
         };
         tracing::info!(job = %job.job_id, reason = %cancel.reason, "cancel");
@@ -691,19 +727,51 @@ impl Runner {
             0 => job.grace,
             s => Duration::from_secs(u64::from(s)),
         };
-        let message = if cancel.reason.is_empty() {
-            "canceled".to_string()
-        } else {
-            format!("canceled: {}", cancel.reason)
-        };
         job::request_stop(
             &job.stop,
             Stop {
                 reason: StopReason::Cancel,
                 grace,
-                message,
+                message: job::cancel_message(cancel),
             },
         );
+    }
+
+    /// Hands a command to the sandbox it names; one that cannot run here (the runner does
+    /// not hold that sandbox, e.g. after a restart) ends FAILED EXECUTOR_ERROR at once.
+    fn exec(&mut self, exec: pb::ExecCommand) {
+        if !self
+            .outbox
+            .open_within(&exec.sandbox_lease_id, &exec.command_id, &exec.lease_id)
+        {
+            tracing::warn!(command = %exec.command_id, lease = %exec.lease_id, "ignoring a second delivery of a command already held");
+            return;
+        }
+        let sandbox = self
+            .jobs
+            .get(&exec.sandbox_lease_id)
+            .filter(|j| j.job_id == exec.sandbox_id)
+            .and_then(|j| j.sandbox.as_ref());
+        let (exec, why) = match sandbox {
+            Some(sandbox) => match sandbox.exec(Box::new(exec)) {
+                Ok(()) => return,
+                Err((exec, why)) => (*exec, why.to_string()),
+            },
+            None => {
+                let why = format!(
+                    "this runner does not hold sandbox {} under lease {} (it may have restarted since)",
+                    exec.sandbox_id, exec.sandbox_lease_id
+                );
+                (exec, why)
+            }
+        };
+        sandbox::refuse(self.outbox.clone(), exec, why);
+    }
+
+    /// The sandbox a command's lease belongs to, while the command is held.
+    fn sandbox_of_command(&self, lease: &str) -> Option<&sandbox::Handle> {
+        let sandbox_lease = self.outbox.within(lease)?;
+        self.jobs.get(&sandbox_lease)?.sandbox.as_ref()
     }
 
     /// The server refused a report. The rejection names the attempt, not the report: it is
@@ -749,27 +817,37 @@ impl Runner {
     /// Starts an assignment. Returns false when it was a duplicate (nothing changes).
     fn start(&mut self, a: pb::Assignment) -> bool {
         let spec = a.spec.clone().unwrap_or_default();
-        tracing::info!(job = %a.job_id, attempt = a.attempt, "assigned");
+        tracing::info!(job = %a.job_id, attempt = a.attempt, sandbox = a.sandbox, "assigned");
         if !self.outbox.open(&a.job_id, &a.lease_id) {
             tracing::warn!(job = %a.job_id, lease = %a.lease_id, "ignoring a second assignment of a lease already held");
             return false;
         }
         let (stop, _) = watch::channel(None);
-        self.jobs.insert(
-            a.lease_id.clone(),
-            Running {
-                job_id: a.job_id.clone(),
-                stop: stop.clone(),
-                grace: job::grace(&spec),
-            },
-        );
         let ctx = self.ctx.clone();
         let done = self.done_tx.clone();
         let lease = a.lease_id.clone();
         let job_id = a.job_id.clone();
+        let (sandbox, task): (_, futures::future::BoxFuture<'static, _>) = if a.sandbox {
+            let (handle, inbox) = sandbox::channel(self.sandbox_drain());
+            (
+                Some(handle),
+                Box::pin(sandbox::run(ctx, a, stop.clone(), inbox)),
+            )
+        } else {
+            (None, Box::pin(job::run(ctx, a, stop.clone())))
+        };
+        self.jobs.insert(
+            lease.clone(),
+            Running {
+                job_id: job_id.clone(),
+                stop,
+                grace: job::grace(&spec),
+                sandbox,
+            },
+        );
         tokio::spawn(async move {
             // Whatever happens to the job's task, its slot comes back.
-            let status = match tokio::spawn(job::run(ctx, a, stop)).await {
+            let status = match tokio::spawn(task).await {
                 Ok(status) => status,
                 Err(e) => {
                     tracing::error!(job = %job_id, error = %e, "the job's task failed");
@@ -800,6 +878,10 @@ impl Runner {
     }
 
     fn lease_lost(&mut self, lease: &str, why: &str) {
+        // A sandbox's command: its sandbox stops it.
+        if let Some(sandbox) = self.sandbox_of_command(lease) {
+            sandbox.lost(lease);
+        }
         self.outbox.drop_attempt(lease);
         if let Some(job) = self.jobs.get(lease) {
             tracing::warn!(job = %job.job_id, why, "lease lost: stopping the work, reporting nothing more");
@@ -817,7 +899,7 @@ impl Runner {
     /// Every lease is lost: stop all work and forget every report.
     fn lose_all_work(&mut self, why: &str) {
         let mut leases: Vec<String> = self.jobs.keys().cloned().collect();
-        leases.extend(self.outbox.held().into_iter().map(|l| l.lease_id));
+        leases.extend(self.outbox.leases());
         for lease in leases {
             self.lease_lost(&lease, why);
         }

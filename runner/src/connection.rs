@@ -234,6 +234,7 @@ pub async fn register(
         queues: registration.queues.clone(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         hostname: crate::config::hostname(),
+        sandboxes: registration.sandboxes,
     };
     let mut backoff = Backoff::new(Duration::from_millis(config.reconnect_max_ms));
     let response = loop {

@@ -30,6 +30,9 @@ pub struct Registration {
     pub executors: Vec<String>,
     /// Queues served.
     pub queues: Vec<String>,
+    /// Whether it said it holds sandboxes (identities saved before sandboxes existed: no).
+    #[serde(default)]
+    pub sandboxes: bool,
 }
 
 /// The stored identity.
@@ -65,6 +68,30 @@ impl Identity {
         self.credential = credential;
         self.registration = registration;
     }
+}
+
+/// Whether the runner must register (anew) before it runs with `wanted`: it has no
+/// identity, or registered with other settings. One exception: a runner that registered
+/// before it offered sandboxes, and has no registration token to register anew with, keeps
+/// its identity (and runs without being given sandboxes) rather than refusing to start.
+pub fn must_register(identity: &Identity, wanted: &Registration, has_token: bool) -> bool {
+    if identity.runner_id.is_empty() {
+        return true;
+    }
+    if identity.registration == *wanted {
+        return false;
+    }
+    let only_sandboxes = Registration {
+        sandboxes: wanted.sandboxes,
+        ..identity.registration.clone()
+    } == *wanted;
+    if only_sandboxes && !has_token {
+        tracing::warn!(
+            "this runner registered before it offered sandboxes: the server gives it none until it registers anew (start it once with --registration-token)"
+        );
+        return false;
+    }
+    true
 }
 
 /// The identity file in `state_dir`.
@@ -135,5 +162,33 @@ mod tests {
             format!("{e:#}").contains("is not a runner identity"),
             "{e:#}"
         );
+    }
+
+    #[test]
+    fn a_runner_registers_anew_when_its_settings_change_but_not_only_to_offer_sandboxes_without_a_token()
+     {
+        let wanted = Registration {
+            capacity: 2,
+            sandboxes: true,
+            ..Registration::default()
+        };
+        assert!(must_register(&Identity::default(), &wanted, false));
+        let mut id = Identity::default();
+        id.replace("r1".into(), "c1".into(), wanted.clone());
+        assert!(!must_register(&id, &wanted, true));
+        // An identity saved before sandboxes existed reads as not offering them.
+        let old: Identity = serde_json::from_str(
+            r#"{"runner_id":"r1","credential":"c1","registration":{"server":"","name":"","labels":{},"capacity":2,"executors":[],"queues":[]}}"#,
+        )
+        .expect("parses");
+        assert!(!old.registration.sandboxes);
+        assert!(must_register(&old, &wanted, true));
+        assert!(!must_register(&old, &wanted, false));
+        // Any other change needs a registration, token or not.
+        let more = Registration {
+            capacity: 3,
+            ..wanted
+        };
+        assert!(must_register(&old, &more, false));
     }
 }

@@ -31,6 +31,15 @@ pub fn grace(spec: &pb::JobSpec) -> Duration {
     }
 }
 
+/// The final message of work stopped by a `CancelCommand`.
+pub fn cancel_message(cancel: &pb::CancelCommand) -> String {
+    if cancel.reason.is_empty() {
+        "canceled".to_string()
+    } else {
+        format!("canceled: {}", cancel.reason)
+    }
+}
+
 /// Asks the attempt to stop, unless it is already stopping (a lost lease overrides: nothing
 /// more will be reported either way).
 pub fn request_stop(stop: &watch::Sender<Option<Stop>>, request: Stop) {

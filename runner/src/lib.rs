@@ -11,6 +11,7 @@
 //! transitions), [`connection`] (endpoint, TLS, credentials, registration, backoff, opening a
 //! session), [`batching`] (report batch sizes from the server's limits and refusals),
 //! [`job`] (one attempt: executor, timeout, final status), [`executor`] (docker, process),
+//! [`sandbox`] (a sandbox's workspace and its commands, one at a time),
 //! [`output`] (log chunks and the progress syntax), [`outbox`] (unacknowledged reports),
 //! [`stop`] (why and how work is stopped), [`identity`] (the state file), [`config`].
 pub mod agent;
@@ -23,6 +24,7 @@ pub mod job;
 pub mod outbox;
 pub mod output;
 pub mod phase;
+pub mod sandbox;
 pub mod stop;
 
 pub use agent::{Exit, Runner, Signal};

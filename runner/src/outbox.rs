@@ -22,6 +22,11 @@
 //!
 //! When the server refuses a single report (see the agent) the outbox can drop that one
 //! report, or mark it unsent to send it again.
+//!
+//! A sandbox's commands are attempts of their own (their own sequences and offsets), held
+//! *within* the sandbox's lease: their leases are not listed in `held` (the server keeps
+//! them alive with the sandbox's), and they are dropped with the sandbox's lease. The
+//! agent finds a command's sandbox here ([`Outbox::within`]) to route a cancel to it.
 use std::{
     collections::{HashMap, VecDeque},
     sync::{
@@ -84,6 +89,8 @@ struct State {
 
 struct Queue {
     job_id: String,
+    /// The sandbox lease a command's queue is held within (`None`: a lease of its own).
+    within: Option<String>,
     next_sequence: u64,
     entries: VecDeque<Entry>,
     /// The final status is queued: the attempt settles once everything is acknowledged.
@@ -143,6 +150,17 @@ impl Outbox {
     /// Starts tracking an attempt (its lease is held from now on). Returns false when the
     /// lease is already held (a duplicate assignment), which changes nothing.
     pub fn open(&self, job_id: &str, lease_id: &str) -> bool {
+        self.open_queue(job_id, lease_id, None)
+    }
+
+    /// Starts tracking a sandbox command's attempt, held within the sandbox's lease (not
+    /// listed in [`Outbox::held`]; dropped with it). Returns false when the lease is already
+    /// held (a command delivered again), which changes nothing.
+    pub fn open_within(&self, sandbox_lease_id: &str, command_id: &str, lease_id: &str) -> bool {
+        self.open_queue(command_id, lease_id, Some(sandbox_lease_id.to_string()))
+    }
+
+    fn open_queue(&self, job_id: &str, lease_id: &str, within: Option<String>) -> bool {
         let mut state = self.lock();
         if state.attempts.contains_key(lease_id) {
             return false;
@@ -151,6 +169,7 @@ impl Outbox {
             lease_id.to_string(),
             Queue {
                 job_id: job_id.to_string(),
+                within,
                 next_sequence: 1,
                 entries: VecDeque::new(),
                 finished: false,
@@ -348,15 +367,30 @@ impl Outbox {
         }
     }
 
-    /// The server no longer honours the attempt's lease: forget its reports. Returns whether
-    /// it was held.
+    /// The server no longer honours the attempt's lease: forget its reports, and those of
+    /// the commands held within it (even once the sandbox's own reports are settled).
+    /// Returns whether anything was held.
     pub fn drop_attempt(&self, lease_id: &str) -> bool {
         let mut state = self.lock();
         let State { attempts, bytes } = &mut *state;
-        let Some(queue) = attempts.remove(lease_id) else {
+        let held = attempts.remove(lease_id);
+        let mut freed: usize = held
+            .iter()
+            .flat_map(|q| q.entries.iter())
+            .map(|e| e.bytes)
+            .sum();
+        let before = attempts.len();
+        attempts.retain(|_, q| {
+            let inside = q.within.as_deref() == Some(lease_id);
+            if inside {
+                freed += q.entries.iter().map(|e| e.bytes).sum::<usize>();
+            }
+            !inside
+        });
+        if held.is_none() && attempts.len() == before {
             return false;
-        };
-        *bytes -= queue.entries.iter().map(|e| e.bytes).sum::<usize>();
+        }
+        *bytes -= freed;
         drop(state);
         self.space.notify_waiters();
         self.changed.notify_one();
@@ -369,11 +403,23 @@ impl Outbox {
         self.lock().attempts.contains_key(lease_id)
     }
 
-    /// The leases the runner holds, for `hello` and heartbeats.
+    /// The sandbox lease a command's lease is held within, while its queue is open.
+    pub fn within(&self, lease_id: &str) -> Option<String> {
+        self.lock().attempts.get(lease_id)?.within.clone()
+    }
+
+    /// Every lease with reports still to come or unacknowledged, commands' included.
+    pub fn leases(&self) -> Vec<String> {
+        self.lock().attempts.keys().cloned().collect()
+    }
+
+    /// The leases the runner holds, for `hello` and heartbeats (commands' leases are held
+    /// within their sandbox's, and not listed).
     pub fn held(&self) -> Vec<pb::LeaseRef> {
         self.lock()
             .attempts
             .iter()
+            .filter(|(_, q)| q.within.is_none())
             .map(|(lease, q)| pb::LeaseRef {
                 job_id: q.job_id.clone(),
                 lease_id: lease.clone(),
@@ -716,5 +762,35 @@ mod tests {
         assert!(o.drop_attempt("l"));
         assert!(!o.push("l", log(2, "cd"), &mut no_stop()).await);
         assert!(o.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sandboxs_commands_are_held_within_its_lease_and_dropped_with_it() {
+        let o = Outbox::new(1 << 20);
+        o.open("sandbox", "s");
+        assert!(o.open_within("s", "command-1", "c1"));
+        assert!(!o.open_within("s", "command-1", "c1"), "delivered again");
+        o.open("job", "j");
+        // Only the sandbox's and the job's leases are listed; the command reports on its own.
+        let mut held: Vec<String> = o.held().into_iter().map(|l| l.lease_id).collect();
+        held.sort();
+        assert_eq!(held, ["j", "s"]);
+        assert_eq!(o.within("c1").as_deref(), Some("s"));
+        assert_eq!(o.within("j"), None);
+        assert!(o.push("c1", log(0, "out"), &mut no_stop()).await);
+        let sent = o.take_unsent(Budget::UNLIMITED);
+        assert!(
+            matches!(&sent[..], [r] if r.job_id == "command-1" && r.lease_id == "c1" && r.sequence == 1)
+        );
+        // The sandbox's own reports settle; the command's are still held, and go with the
+        // sandbox's lease.
+        o.push("s", done(), &mut no_stop()).await;
+        o.ack("s", 1);
+        assert!(!o.holds("s"));
+        assert!(o.leases().contains(&"c1".to_string()));
+        assert!(o.drop_attempt("s"));
+        assert!(!o.holds("c1"));
+        assert!(o.holds("j"));
+        assert!(!o.drop_attempt("s"));
     }
 }

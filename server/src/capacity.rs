@@ -18,6 +18,8 @@ pub async fn held(txn: &impl ConnectionTrait, runners: &[Uuid]) -> Result<HashMa
             .column_as(attempt::Column::LeaseId.count(), "n")
             .filter(attempt::Column::RunnerId.is_in(chunk.iter().copied()))
             .filter(attempt::Column::FinishedAt.is_null())
+            // A sandbox's commands run in the sandbox's slot.
+            .filter(attempt::Column::ParentLease.is_null())
             .group_by(attempt::Column::RunnerId)
             .into_tuple()
             .all(txn)

@@ -71,6 +71,8 @@ struct Taker {
     executors: Vec<i32>,
     queues: Vec<String>,
     capacity: u32,
+    /// It holds sandboxes (RegisterRequest.sandboxes).
+    sandboxes: bool,
     room: usize,
     bytes_left: usize,
     got: Vec<pb::Assignment>,
@@ -79,6 +81,7 @@ struct Taker {
 impl Taker {
     fn takes(&self, job: &job::Model, spec: &pb::JobSpec) -> bool {
         self.room > 0
+            && (self.sandboxes || state::Kind::of(job.kind) != state::Kind::Sandbox)
             && self.queues.contains(&job.queue)
             && self.executors.contains(&job.executor)
             && spec
@@ -118,6 +121,7 @@ async fn claim_for(
                 executors: info.executors,
                 queues: info.queues,
                 capacity: u32::try_from(row.capacity).unwrap_or(1),
+                sandboxes: info.sandboxes,
                 room: if draining { 0 } else { *asked },
                 bytes_left: max_answer_bytes,
                 got: Vec::new(),
@@ -160,6 +164,8 @@ async fn claim_for(
             .add(job::Column::Queue.is_in(queues.clone()))
             .add(job::Column::Executor.is_in(executors.clone()))
             .add(job::Column::NotBefore.lte(now))
+            // A command is started by its sandbox, never dispatched.
+            .add(job::Column::Kind.ne(state::Kind::Command.as_i32()))
             .add(locks::free())
     };
     // A read first: no write transaction (on SQLite, the one writer) when nothing waits.
@@ -258,6 +264,7 @@ async fn claim_for(
                 keys.insert(key.clone());
             }
             let job_id = candidate.id;
+            let sandbox = state::Kind::of(candidate.kind) == state::Kind::Sandbox;
             // Read just now in this transaction (and locked on PostgreSQL): no second read.
             lc.adopt_job(candidate);
             lc.apply(decision)?;
@@ -268,6 +275,7 @@ async fn claim_for(
                 spec: Some(spec),
                 lease_expires_at_unix_ms: start.lease_expires_at,
                 deadline_unix_ms: start.deadline_at,
+                sandbox,
             });
             taker.bytes_left = taker.bytes_left.saturating_sub(size);
             taker.room -= 1;

@@ -89,6 +89,9 @@ pub async fn settle(
             .column(attempt::Column::AssignedAt)
             .filter(attempt::Column::RunnerId.is_in(chunk.iter().copied()))
             .filter(attempt::Column::FinishedAt.is_null())
+            // A sandbox command's attempt is not in the runner's account: it lives and
+            // dies with its sandbox's lease.
+            .filter(attempt::Column::ParentLease.is_null())
             .into_tuple()
             .all(lc.txn())
             .await?;

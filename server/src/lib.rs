@@ -22,6 +22,7 @@ pub mod replicas;
 pub mod reports;
 pub mod retention;
 pub mod runners;
+pub mod sandboxes;
 pub mod service;
 pub mod signals;
 pub mod stats;
@@ -312,6 +313,12 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         )
         .add_service(
             pb::admin_service_server::AdminServiceServer::new(service::admin::AdminApi(
+                app.clone(),
+            ))
+            .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::sandbox_service_server::SandboxServiceServer::new(service::sandbox::SandboxApi(
                 app.clone(),
             ))
             .max_decoding_message_size(limit),

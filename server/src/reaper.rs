@@ -5,6 +5,7 @@
 //! - cancels the runner has not confirmed by their deadline (the job's grace plus a lease)
 //!   end CANCELED, even while the runner keeps heartbeating;
 //! - runners silent for a lease period go OFFLINE;
+//! - sandboxes idle past their idle timeout are deleted;
 //! - backoffs that ended wake dispatch;
 //! - retention deletes what is old enough.
 //!
@@ -103,6 +104,10 @@ pub async fn pass(env: &Env, settings: &Settings, since: i64, now: i64) {
             runners::mark_silent(&env.store, now - env.rules.lease_ms)
                 .await
                 .map(|_| ()),
+        ),
+        (
+            "idle sandboxes",
+            crate::sandboxes::reap_idle(env, now).await,
         ),
         (
             "backoff wake-ups",

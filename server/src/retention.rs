@@ -10,7 +10,9 @@ use crate::{
     locks, runners,
     store::{
         Store,
-        entity::{attempt, command, event, job, job_label, log_chunk, runner},
+        entity::{
+            attempt, command, event, job, job_label, log_chunk, runner, sandbox, sandbox_command,
+        },
     },
 };
 
@@ -48,6 +50,14 @@ pub async fn purge_finished_before(store: &Store, horizon: i64) -> Result<u64> {
         .await?;
     job_label::Entity::delete_many()
         .filter(job_label::Column::JobId.is_in(ids.clone()))
+        .exec(txn)
+        .await?;
+    sandbox_command::Entity::delete_many()
+        .filter(sandbox_command::Column::Id.is_in(ids.clone()))
+        .exec(txn)
+        .await?;
+    sandbox::Entity::delete_many()
+        .filter(sandbox::Column::Id.is_in(ids.clone()))
         .exec(txn)
         .await?;
     locks::purge_jobs(txn, &ids).await?;

@@ -1,9 +1,11 @@
-//! Counts for operators (`GetStats`): jobs by status and per queue, runners by state.
+//! Counts for operators (`GetStats`): jobs by status and per queue (sandboxes and their
+//! commands are not counted), runners by state.
 use gantry_proto as pb;
 use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QuerySelect};
 
 use crate::{
     error::Result,
+    jobs::state::Kind,
     store::entity::{job, runner},
 };
 
@@ -13,6 +15,7 @@ pub async fn stats(db: &DatabaseConnection) -> Result<pb::GetStatsResponse> {
         .select_only()
         .column(job::Column::Status)
         .column_as(job::Column::Id.count(), "n")
+        .filter(job::Column::Kind.eq(Kind::Job.as_i32()))
         .group_by(job::Column::Status)
         .into_tuple()
         .all(db)
@@ -22,6 +25,7 @@ pub async fn stats(db: &DatabaseConnection) -> Result<pb::GetStatsResponse> {
         .column(job::Column::Queue)
         .column(job::Column::Status)
         .column_as(job::Column::Id.count(), "n")
+        .filter(job::Column::Kind.eq(Kind::Job.as_i32()))
         .filter(job::Column::Status.is_in([
             pb::JobStatus::Queued as i32,
             pb::JobStatus::Assigned as i32,

@@ -12,7 +12,7 @@ use gantry_proto as pb;
 use gantry_server::{Config, RunningServer};
 use pb::{
     admin_service_client::AdminServiceClient, job_service_client::JobServiceClient,
-    runner_service_client::RunnerServiceClient,
+    runner_service_client::RunnerServiceClient, sandbox_service_client::SandboxServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database};
 use tokio::sync::mpsc;
@@ -282,6 +282,11 @@ impl TestServer {
         JobServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
     }
 
+    /// SandboxService with the API token.
+    pub async fn sandboxes(&self) -> SandboxServiceClient<Authed> {
+        SandboxServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
+    }
+
     /// AdminService with the API token.
     pub async fn admin(&self) -> AdminServiceClient<Authed> {
         AdminServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
@@ -317,6 +322,7 @@ impl TestServer {
                 queues: vec![],
                 version: "test".into(),
                 hostname: "localhost".into(),
+                sandboxes: true,
             })
             .await
             .expect("register")
@@ -729,4 +735,174 @@ impl TlsFiles {
     pub fn cert_arg(&self) -> &str {
         self.cert.to_str().expect("utf-8 temp path")
     }
+}
+
+/// SandboxService with the API token.
+pub type Sandboxes = SandboxServiceClient<Authed>;
+
+/// Creates a sandbox; returns it.
+pub async fn create_sandbox(sandboxes: &mut Sandboxes, spec: pb::SandboxSpec) -> pb::Sandbox {
+    sandboxes
+        .create_sandbox(pb::CreateSandboxRequest {
+            spec: Some(spec),
+            idempotency_key: String::new(),
+        })
+        .await
+        .expect("create sandbox")
+        .into_inner()
+        .sandbox
+        .expect("sandbox")
+}
+
+/// Reads a sandbox.
+pub async fn get_sandbox(sandboxes: &mut Sandboxes, id: &str) -> pb::Sandbox {
+    sandboxes
+        .get_sandbox(pb::GetSandboxRequest {
+            sandbox_id: id.into(),
+        })
+        .await
+        .expect("get sandbox")
+        .into_inner()
+}
+
+/// Accepts `argv` in the sandbox; returns the command.
+pub async fn run_in(sandboxes: &mut Sandboxes, id: &str, argv: &[&str]) -> pb::SandboxCommand {
+    run_command(
+        sandboxes,
+        id,
+        pb::CommandSpec {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Accepts a command in the sandbox; returns it.
+pub async fn run_command(
+    sandboxes: &mut Sandboxes,
+    id: &str,
+    command: pb::CommandSpec,
+) -> pb::SandboxCommand {
+    sandboxes
+        .run_command(pb::RunCommandRequest {
+            sandbox_id: id.into(),
+            command: Some(command),
+        })
+        .await
+        .expect("run command")
+        .into_inner()
+        .command
+        .expect("command")
+}
+
+/// Reads a command.
+pub async fn get_command(sandboxes: &mut Sandboxes, id: &str) -> pb::SandboxCommand {
+    sandboxes
+        .get_command(pb::GetCommandRequest {
+            command_id: id.into(),
+        })
+        .await
+        .expect("get command")
+        .into_inner()
+}
+
+/// Follows a sandbox's events until `done` says so of one; returns every event seen.
+pub async fn watch_sandbox_until(
+    sandboxes: &mut Sandboxes,
+    id: &str,
+    what: &str,
+    done: impl Fn(&pb::JobEvent) -> bool,
+) -> Vec<pb::JobEvent> {
+    let mut stream = sandboxes
+        .watch_sandbox(pb::WatchSandboxRequest {
+            sandbox_id: id.into(),
+            after_sequence: 0,
+            follow: true,
+        })
+        .await
+        .expect("watch sandbox")
+        .into_inner();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let next = tokio::time::timeout_at(deadline, stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("sandbox {id}: never saw {what}; events: {seen:#?}"));
+        let ev = match next {
+            Some(Ok(ev)) => ev,
+            Some(Err(e)) => panic!("watch sandbox failed: {e}"),
+            None => panic!("sandbox {id} ended before {what}; events: {seen:#?}"),
+        };
+        let hit = done(&ev);
+        seen.push(ev);
+        if hit {
+            return seen;
+        }
+    }
+}
+
+/// Follows a sandbox's events until its lifecycle reaches `status`.
+pub async fn wait_for_sandbox(
+    sandboxes: &mut Sandboxes,
+    id: &str,
+    status: pb::SandboxStatus,
+) -> Vec<pb::JobEvent> {
+    watch_sandbox_until(
+        sandboxes,
+        id,
+        status.as_str_name(),
+        |ev| matches!(&ev.kind, Some(pb::job_event::Kind::Sandbox(c)) if c.to == status as i32),
+    )
+    .await
+}
+
+/// Follows a sandbox's events until its command `command` reaches `status`.
+pub async fn wait_for_command(
+    sandboxes: &mut Sandboxes,
+    sandbox: &str,
+    command: &str,
+    status: pb::CommandStatus,
+) -> pb::SandboxCommand {
+    watch_sandbox_until(sandboxes, sandbox, status.as_str_name(), |ev| {
+        matches!(&ev.kind, Some(pb::job_event::Kind::Command(c))
+            if c.command_id == command && c.status == status as i32)
+    })
+    .await;
+    get_command(sandboxes, command).await
+}
+
+/// The sandbox lifecycle steps among events, in order.
+pub fn lifecycle(events: &[pb::JobEvent]) -> Vec<pb::SandboxStatus> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(pb::job_event::Kind::Sandbox(c)) => pb::SandboxStatus::try_from(c.to).ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// All stored output of a command, per stream.
+pub async fn command_logs(sandboxes: &mut Sandboxes, id: &str) -> (Vec<u8>, Vec<u8>) {
+    let mut stream = sandboxes
+        .get_command_logs(pb::GetCommandLogsRequest {
+            command_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("command logs")
+        .into_inner();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        let target = if chunk.stream == pb::LogStream::Stdout as i32 {
+            &mut out
+        } else {
+            &mut err
+        };
+        assert_eq!(chunk.offset as usize, target.len(), "chunks are contiguous");
+        target.extend_from_slice(&chunk.data);
+    }
+    (out, err)
 }

@@ -270,7 +270,8 @@ pub async fn busybox_image() -> String {
             std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
             for applet in [
                 "sh", "sleep", "echo", "cat", "printf", "seq", "head", "tail", "true", "false",
-                "env", "ls", "touch", "test", "[", "kill", "wc", "yes", "tr", "pwd",
+                "env", "ls", "touch", "test", "[", "kill", "wc", "yes", "tr", "pwd", "setsid",
+                "mkdir", "rm", "grep",
             ] {
                 std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
             }
@@ -457,6 +458,14 @@ impl ServerProcess {
     /// JobService with the API token.
     pub async fn jobs(&self) -> JobServiceClient<Authed> {
         JobServiceClient::with_interceptor(
+            crate::channel(&self.url).await,
+            crate::Bearer::new(&self.api_token),
+        )
+    }
+
+    /// SandboxService with the API token.
+    pub async fn sandboxes(&self) -> crate::Sandboxes {
+        pb::sandbox_service_client::SandboxServiceClient::with_interceptor(
             crate::channel(&self.url).await,
             crate::Bearer::new(&self.api_token),
         )

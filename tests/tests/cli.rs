@@ -654,3 +654,210 @@ async fn over_tls_the_cli_checks_the_certificate_against_its_ca_and_domain() {
     assert!(no_ca.stderr.contains("--tls-ca"), "{no_ca:?}");
     server.stop().await;
 }
+
+/// A sandbox from the CLI: create and wait, exec with output, exit codes, stdin, detach,
+/// Ctrl-C canceling just the command, timeout, list as JSON, delete and wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_and_exec_as_a_user_types_them() {
+    let (server, runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let created = gantry(&url, &token, &["sandbox", "create", "--process", "--wait"]).await;
+    assert_eq!(
+        created.code,
+        0,
+        "{created:?}\nrunner log:\n{}",
+        runner.log()
+    );
+    let sandbox = created.stdout.trim().to_string();
+    let exec = |args: &[&str]| {
+        let mut all = vec!["exec", sandbox.as_str()];
+        all.extend_from_slice(args);
+        all.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| {
+        let (url, token) = (url.clone(), token.clone());
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            gantry(&url, &token, &args).await
+        }
+    };
+    // Output on its own streams, and the command's exit code.
+    let out = run(exec(&[
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; echo kept > f; exit 3",
+    ]))
+    .await;
+    assert_eq!(out.code, 3, "{out:?}");
+    assert_eq!(out.stdout, "out\n");
+    assert!(out.stderr.contains("err\n"), "{out:?}");
+    // The workspace carries over; stdin from a file reaches the command.
+    let input = tempfile::NamedTempFile::new().expect("stdin file");
+    std::fs::write(input.path(), b"from a file").expect("write stdin");
+    let path = input.path().display().to_string();
+    let cat = run(exec(&[
+        "--stdin-file",
+        &path,
+        "--",
+        "sh",
+        "-c",
+        "cat f; cat",
+    ]))
+    .await;
+    assert_eq!(
+        (cat.code, cat.stdout.as_str()),
+        (0, "kept\nfrom a file"),
+        "{cat:?}"
+    );
+    // Past its timeout: 124.
+    let slow = run(exec(&["--timeout", "1", "--", "sleep", "30"])).await;
+    assert_eq!(slow.code, 124, "{slow:?}");
+    // Detached: the command id, and it runs.
+    let detached = run(exec(&["--detach", "--", "sh", "-c", "echo bg"])).await;
+    assert_eq!(detached.code, 0, "{detached:?}");
+    let command = detached.stdout.trim().to_string();
+    let mut sandboxes = server.sandboxes().await;
+    gantry_tests::wait_for_command(
+        &mut sandboxes,
+        &sandbox,
+        &command,
+        pb::CommandStatus::Succeeded,
+    )
+    .await;
+    // Ctrl-C cancels the command, not the sandbox: 130.
+    let mut child = tokio::process::Command::new(binary("gantry", "GANTRY_CLI_BIN"))
+        .args(["exec", &sandbox, "--", "sh", "-c", "echo ready; sleep 600"])
+        .env("GANTRY_SERVER", &url)
+        .env("GANTRY_TOKEN", &token)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn gantry exec");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout);
+    let mut first = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first)
+        .await
+        .expect("read");
+    assert_eq!(first, "ready\n");
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let status = tokio::time::timeout(gantry_tests::PATIENCE, child.wait())
+        .await
+        .expect("exec ends after Ctrl-C")
+        .expect("wait");
+    assert_eq!(status.code(), Some(130));
+    let listed = run(vec![
+        "sandbox".into(),
+        "ls".into(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    let json: serde_json::Value = serde_json::from_str(&listed.stdout).expect("json");
+    let first = &json["sandboxes"][0];
+    assert_eq!(first["id"], sandbox.as_str(), "{json}");
+    assert!(
+        first["status"]
+            .as_str()
+            .is_some_and(|s| s.to_lowercase().contains("running")),
+        "the sandbox survives the canceled command: {json}"
+    );
+    let removed = run(vec![
+        "sandbox".into(),
+        "rm".into(),
+        sandbox.clone(),
+        "--wait".into(),
+    ])
+    .await;
+    assert_eq!(removed.code, 0, "{removed:?}");
+    assert!(
+        removed.stdout.to_lowercase().contains("deleted"),
+        "{removed:?}"
+    );
+    server.stop().await;
+}
+
+/// Sandbox endings as the CLI reports them, against the real server and a real docker
+/// runner: a sandbox that fails before it runs (`create --wait`: 125), `sandbox watch` to the
+/// end as text and as JSON, and a command to an unknown sandbox (1, one line).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_endings_as_the_cli_reports_them() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let _runner = RunnerProcess::start(&server, "cli-docker", &["--executors", "docker"]);
+    let (url, token) = (server.url(), server.api_token.clone());
+    let missing = gantry(
+        &url,
+        &token,
+        &[
+            "sandbox",
+            "create",
+            "--image",
+            "gantry-test/absent:1",
+            "--pull",
+            "never",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(missing.code, 125, "{missing:?}");
+    assert!(missing.stderr.contains("image_unavailable"), "{missing:?}");
+
+    let image = gantry_tests::procs::busybox_image().await;
+    let created = gantry(
+        &url,
+        &token,
+        &[
+            "sandbox",
+            "create",
+            "--image",
+            &image,
+            "--pull",
+            "never",
+            "--one-shot",
+            "--wait",
+        ],
+    )
+    .await;
+    assert_eq!(created.code, 0, "{created:?}");
+    let sandbox = created.stdout.trim().to_string();
+    let ran = gantry(&url, &token, &["exec", &sandbox, "--", "echo", "only"]).await;
+    assert_eq!((ran.code, ran.stdout.as_str()), (0, "only\n"), "{ran:?}");
+    // One-shot: the sandbox ends by itself; watch follows it to the end.
+    let watch = gantry(&url, &token, &["sandbox", "watch", &sandbox]).await;
+    assert_eq!(watch.code, 0, "{watch:?}");
+    for step in ["running", "deleting", "deleted", "command 1"] {
+        assert!(
+            watch.stdout.contains(step) || watch.stderr.contains(step),
+            "{step}: {watch:?}"
+        );
+    }
+    let json = gantry(&url, &token, &["sandbox", "watch", &sandbox, "-o", "json"]).await;
+    assert_eq!(json.code, 0, "{json:?}");
+    let events: Vec<serde_json::Value> = json
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert!(events.len() >= 6, "{events:?}");
+    assert!(
+        events.iter().all(|e| e["sandbox_id"] == sandbox.as_str()),
+        "{events:?}"
+    );
+
+    let unknown = gantry(
+        &url,
+        &token,
+        &["exec", "018f0000-0000-7000-8000-000000000000", "--", "true"],
+    )
+    .await;
+    assert_eq!(unknown.code, 1, "{unknown:?}");
+    assert_eq!(unknown.stderr.lines().count(), 1, "{unknown:?}");
+    assert!(unknown.stderr.contains("not found"), "{unknown:?}");
+    server.stop().await;
+}

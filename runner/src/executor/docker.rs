@@ -6,8 +6,15 @@
 //! working dir, memory and CPU limits, and the labels `gantry.job-id`, `gantry.attempt`,
 //! `gantry.runner-id`, `gantry.lease-id`. Output is attached before the start, so no byte is
 //! missed. A stop sends the image's stop signal (SIGTERM by default) and SIGKILL once the
-//! grace period has passed, as `docker stop` does. The container is removed when the attempt ends; containers a crashed runner left
-//! behind are removed when it starts again ([`DockerExecutor::remove_orphans`]).
+//! grace period has passed, as `docker stop` does. The container is removed when the attempt
+//! ends; containers a crashed runner left behind are removed when it starts again
+//! ([`DockerExecutor::remove_orphans`]).
+//!
+//! Sandboxes get one container each, kept running, whose commands are `docker exec`s
+//! ([`sandbox`]); they carry the same labels (plus `gantry.sandbox-id`), so the same cleanup
+//! removes them.
+pub mod sandbox;
+
 use std::{collections::HashMap, time::Duration};
 
 use bollard::{
@@ -24,7 +31,7 @@ use futures::{StreamExt, future::BoxFuture};
 use gantry_proto as pb;
 use tokio::sync::watch;
 
-use super::{Executor, Io, Outcome, StopSignal, Work, stop_requested};
+use super::{Executor, Io, Outcome, StopSignal, Work, Workspace, stop_requested};
 
 /// Label naming the runner that created a container.
 pub const LABEL_RUNNER: &str = "gantry.runner-id";
@@ -104,6 +111,7 @@ impl DockerExecutor {
                 tracing::info!(
                     container = %cid,
                     job = labels.get(LABEL_JOB).map(String::as_str).unwrap_or("?"),
+                    sandbox = labels.get(sandbox::LABEL_SANDBOX).map(String::as_str).unwrap_or(""),
                     attempt = labels.get(LABEL_ATTEMPT).map(String::as_str).unwrap_or("?"),
                     "removing a container this runner left behind"
                 );
@@ -200,15 +208,6 @@ impl DockerExecutor {
             (LABEL_RUNNER.to_string(), work.runner_id.clone()),
             (LABEL_LEASE.to_string(), work.lease_id.clone()),
         ]);
-        let limits = spec.resources.unwrap_or_default();
-        let memory = i64::try_from(limits.memory_bytes).ok().filter(|m| *m > 0);
-        let host_config = HostConfig {
-            memory,
-            // No swap beyond the memory limit: the limit means what it says.
-            memory_swap: memory,
-            nano_cpus: (limits.cpu_millis > 0).then(|| i64::from(limits.cpu_millis) * 1_000_000),
-            ..Default::default()
-        };
         ContainerCreateBody {
             image: Some(spec.image.clone()),
             entrypoint: (!spec.command.is_empty()).then(|| spec.command.clone()),
@@ -220,7 +219,7 @@ impl DockerExecutor {
             attach_stderr: Some(true),
             tty: Some(false),
             open_stdin: Some(false),
-            host_config: Some(host_config),
+            host_config: Some(host_config(spec)),
             ..Default::default()
         }
     }
@@ -492,6 +491,19 @@ impl DockerExecutor {
     }
 }
 
+/// The memory and CPU limits of a spec.
+fn host_config(spec: &pb::JobSpec) -> HostConfig {
+    let limits = spec.resources.unwrap_or_default();
+    let memory = i64::try_from(limits.memory_bytes).ok().filter(|m| *m > 0);
+    HostConfig {
+        memory,
+        // No swap beyond the memory limit: the limit means what it says.
+        memory_swap: memory,
+        nano_cpus: (limits.cpu_millis > 0).then(|| i64::from(limits.cpu_millis) * 1_000_000),
+        ..Default::default()
+    }
+}
+
 /// How long an exit by SIGKILL waits for the engine's OOM event.
 const OOM_EVENT_WAIT: Duration = Duration::from_secs(2);
 
@@ -532,6 +544,15 @@ impl Executor for DockerExecutor {
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome> {
         Box::pin(self.execute(work, io, stop))
+    }
+
+    fn create_workspace<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Result<Box<dyn Workspace>, Outcome>> {
+        Box::pin(self.create_sandbox(sandbox, io, stop))
     }
 }
 

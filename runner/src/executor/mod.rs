@@ -1,11 +1,16 @@
 //! Executors: how a job's work runs. Each executor is behind [`Executor`]; the job's spec says
 //! which one it wants and the runner says which ones it offers.
 //!
-//! An executor runs one attempt from start to end: it prepares the sandbox, reports its
-//! phases and the RUNNING status through [`Io`], streams output into it, and returns how the
-//! work ended. It watches [`StopSignal`] the whole time: when a stop is requested (cancel,
-//! timeout, drain, lost lease) it sends the graceful signal, waits up to the stop's grace,
-//! then kills, and returns.
+//! An executor runs one attempt from start to end: it prepares the container or process,
+//! reports its phases and the RUNNING status through [`Io`], streams output into it, and
+//! returns how the work ended. It watches [`StopSignal`] the whole time: when a stop is
+//! requested (cancel, timeout, drain, lost lease) it sends the graceful signal, waits up to
+//! the stop's grace, then kills, and returns.
+//!
+//! An executor also makes sandboxes' workspaces ([`Executor::create_workspace`]): a
+//! [`Workspace`] is made once, runs commands ([`Exec`]) one at a time with the same stop
+//! rules (each command in a process group of its own, so that stopping one never touches the
+//! workspace), and is removed at the end. [`crate::sandbox`] decides when.
 pub mod docker;
 pub mod process;
 
@@ -107,6 +112,50 @@ pub trait Executor: Send + Sync {
         io: &'a mut Io,
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome>;
+    /// Makes a sandbox's workspace from `sandbox.spec` (`sandbox.job_id` is the sandbox id),
+    /// reporting its phases (CREATING, STARTING …) through `io` but not RUNNING (the sandbox
+    /// does, once it has the workspace). `Err` is why it could not (an interrupted pull
+    /// included: `stop` is watched while the image is pulled).
+    fn create_workspace<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Result<Box<dyn Workspace>, Outcome>>;
+}
+
+/// A sandbox's workspace on one executor: a container kept running, or a directory. It runs
+/// commands one at a time (the sandbox never overlaps two) and is removed at the end.
+pub trait Workspace: Send + Sync {
+    /// What the sandbox's RUNNING report names: the container id, or the directory.
+    fn id(&self) -> String;
+    /// Runs one command to its end: reports RUNNING (with its exec or process id) and its
+    /// output through `io`, in a process group of its own; a stop signals that group
+    /// gracefully, then kills it after the stop's grace. Whatever the command left running
+    /// in its group is killed when it exits. `Outcome::Failed` (EXECUTOR_ERROR): it could
+    /// not be started.
+    fn exec<'a>(
+        &'a self,
+        exec: &'a Exec,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, Outcome>;
+    /// Removes the workspace and everything running in it. `Err` says why it could not.
+    fn remove(&self) -> BoxFuture<'_, Result<(), String>>;
+}
+
+/// One command to run in a workspace.
+#[derive(Clone, Debug, Default)]
+pub struct Exec {
+    /// Program and arguments (at least the program).
+    pub argv: Vec<String>,
+    /// Its whole environment over the workspace's: the command's, then the runner's
+    /// `GANTRY_SANDBOX_ID`, `GANTRY_COMMAND_ID`, `GANTRY_RUNNER_ID`.
+    pub env: Vec<(String, String)>,
+    /// Working directory; `None` for the workspace's default.
+    pub working_dir: Option<String>,
+    /// Written to its standard input, which is then closed (empty: an empty input).
+    pub stdin: Vec<u8>,
 }
 
 /// The executors a runner offers.
@@ -122,6 +171,9 @@ pub struct Io {
     stderr: OutputStream,
     /// False once the server refused the attempt: the work is being stopped.
     held: bool,
+    /// Whether executor phases are reported (a sandbox command's reports carry none: the
+    /// phases are the sandbox's).
+    phases: bool,
 }
 
 impl Io {
@@ -134,6 +186,15 @@ impl Io {
             stdout: OutputStream::default(),
             stderr: OutputStream::default(),
             held: true,
+            phases: true,
+        }
+    }
+
+    /// Reports for a sandbox command of `lease_id`: the same, without executor phases.
+    pub fn command(outbox: Arc<Outbox>, lease_id: &str, stop: StopSignal) -> Self {
+        Self {
+            phases: false,
+            ..Self::new(outbox, lease_id, stop)
         }
     }
 
@@ -145,6 +206,9 @@ impl Io {
 
     /// The executor entered a phase.
     pub async fn phase(&mut self, phase: pb::ExecutorPhase, message: impl Into<String>) {
+        if !self.phases {
+            return;
+        }
         self.push(pb::report::Body::Phase(pb::PhaseChange {
             phase: phase as i32,
             message: cut(&message.into(), MAX_PHASE_MESSAGE),

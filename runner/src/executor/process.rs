@@ -6,6 +6,10 @@
 //! directory that is removed afterwards. A stop sends SIGTERM to the whole group, then SIGKILL
 //! after the grace period; when the main process exits, whatever it left running in its group
 //! is killed too, so no stray process outlives its job.
+//!
+//! Sandboxes get a workspace directory ([`sandbox`]) whose commands run the same way.
+pub mod sandbox;
+
 use std::{path::PathBuf, process::Stdio};
 
 use futures::future::BoxFuture;
@@ -13,7 +17,7 @@ use gantry_proto as pb;
 use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{io::AsyncReadExt, sync::mpsc};
 
-use super::{Executor, Io, Outcome, StopSignal, Work, stop_requested};
+use super::{Executor, Io, Outcome, StopSignal, Work, Workspace, stop_requested};
 
 /// Output read at a time from a pipe.
 const READ_BUFFER: usize = 64 * 1024;
@@ -43,6 +47,24 @@ impl Executor for ProcessExecutor {
         stop: StopSignal,
     ) -> BoxFuture<'a, Outcome> {
         Box::pin(self.execute(work, io, stop))
+    }
+
+    fn create_workspace<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        _stop: StopSignal,
+    ) -> BoxFuture<'a, Result<Box<dyn Workspace>, Outcome>> {
+        Box::pin(self.create_sandbox(sandbox, io))
+    }
+}
+
+/// Keeps the runner's own `GANTRY_*` variables (its tokens above all) from the process.
+fn without_runner_env(cmd: &mut tokio::process::Command) {
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("GANTRY_") {
+            cmd.env_remove(name);
+        }
     }
 }
 
@@ -121,17 +143,13 @@ impl ProcessExecutor {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("GANTRY_") {
-                cmd.env_remove(name);
-            }
-        }
+        without_runner_env(&mut cmd);
         cmd.envs(&spec.env).envs(work.gantry_env());
 
         io.phase(pb::ExecutorPhase::Starting, program.as_str())
             .await;
         let outcome = match cmd.spawn() {
-            Ok(child) => self.supervise(child, io, &mut stop).await,
+            Ok(child) => supervise(child, io, &mut stop).await,
             Err(e) => Outcome::failed(
                 pb::FailureKind::ExecutorError,
                 format!("cannot start `{program}` in {}: {e}", dir.display()),
@@ -144,86 +162,88 @@ impl ProcessExecutor {
         }
         outcome
     }
+}
 
-    async fn supervise(
-        &self,
-        mut child: tokio::process::Child,
-        io: &mut Io,
-        stop: &mut StopSignal,
-    ) -> Outcome {
-        let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
-            return Outcome::failed(pb::FailureKind::ExecutorError, "the process has no id");
-        };
-        let pgid = Pid::from_raw(pid);
-        io.started(&pid.to_string()).await;
+/// Follows a spawned process (the leader of its own process group) to its end: reports
+/// RUNNING with its pid and its output, signals the group on a stop (SIGTERM, then SIGKILL
+/// after the grace), and kills whatever the process left in its group once it exits.
+async fn supervise(
+    mut child: tokio::process::Child,
+    io: &mut Io,
+    stop: &mut StopSignal,
+) -> Outcome {
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        return Outcome::failed(pb::FailureKind::ExecutorError, "the process has no id");
+    };
+    let pgid = Pid::from_raw(pid);
+    io.started(&pid.to_string()).await;
 
-        let (tx, mut rx) = mpsc::channel(16);
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            pumps.push(tokio::spawn(pump(out, pb::LogStream::Stdout, tx.clone())));
-        }
-        if let Some(err) = child.stderr.take() {
-            pumps.push(tokio::spawn(pump(err, pb::LogStream::Stderr, tx.clone())));
-        }
-        drop(tx);
+    let (tx, mut rx) = mpsc::channel(16);
+    let mut pumps = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        pumps.push(tokio::spawn(pump(out, pb::LogStream::Stdout, tx.clone())));
+    }
+    if let Some(err) = child.stderr.take() {
+        pumps.push(tokio::spawn(pump(err, pb::LogStream::Stderr, tx.clone())));
+    }
+    drop(tx);
 
-        let kill_at = tokio::time::sleep(super::NEVER);
-        tokio::pin!(kill_at);
-        let mut stopping = false;
-        let mut output_open = true;
-        let status = loop {
-            tokio::select! {
-                status = child.wait() => break status,
-                chunk = rx.recv(), if output_open => match chunk {
-                    Some((stream, data)) => io.output(stream, &data).await,
-                    None => output_open = false,
-                },
-                s = stop_requested(stop), if !stopping => {
-                    stopping = true;
-                    io.phase(pb::ExecutorPhase::Stopping, format!("SIGTERM, then SIGKILL after {} s", s.grace.as_secs())).await;
-                    signal_group(pgid, Signal::SIGTERM);
-                    kill_at.as_mut().reset(tokio::time::Instant::now() + s.grace);
-                }
-                _ = &mut kill_at, if stopping => {
-                    signal_group(pgid, Signal::SIGKILL);
-                    kill_at.as_mut().reset(tokio::time::Instant::now() + super::NEVER);
-                }
+    let kill_at = tokio::time::sleep(super::NEVER);
+    tokio::pin!(kill_at);
+    let mut stopping = false;
+    let mut output_open = true;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            chunk = rx.recv(), if output_open => match chunk {
+                Some((stream, data)) => io.output(stream, &data).await,
+                None => output_open = false,
+            },
+            s = stop_requested(stop), if !stopping => {
+                stopping = true;
+                io.phase(pb::ExecutorPhase::Stopping, format!("SIGTERM, then SIGKILL after {} s", s.grace.as_secs())).await;
+                signal_group(pgid, Signal::SIGTERM);
+                kill_at.as_mut().reset(tokio::time::Instant::now() + s.grace);
             }
-        };
-        // Anything the job left behind in its group goes with it (and closes the pipes).
-        signal_group(pgid, Signal::SIGKILL);
-        let drained = tokio::time::timeout(super::OUTPUT_DRAIN, async {
-            while let Some((stream, data)) = rx.recv().await {
-                io.output(stream, &data).await;
+            _ = &mut kill_at, if stopping => {
+                signal_group(pgid, Signal::SIGKILL);
+                kill_at.as_mut().reset(tokio::time::Instant::now() + super::NEVER);
             }
-        })
-        .await;
-        if drained.is_err() {
-            tracing::warn!(
-                pid,
-                "a process outside the job's group keeps its output open; not waiting for it"
-            );
         }
-        for p in pumps {
-            p.abort();
+    };
+    // Anything the job left behind in its group goes with it (and closes the pipes).
+    signal_group(pgid, Signal::SIGKILL);
+    let drained = tokio::time::timeout(super::OUTPUT_DRAIN, async {
+        while let Some((stream, data)) = rx.recv().await {
+            io.output(stream, &data).await;
         }
-        match status {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                let code = status
-                    .code()
-                    .or_else(|| status.signal().map(|s| 128 + s))
-                    .unwrap_or(-1);
-                Outcome::Exited {
-                    code,
-                    oom_killed: false,
-                    stopped: stopping,
-                }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            pid,
+            "a process outside the job's group keeps its output open; not waiting for it"
+        );
+    }
+    for p in pumps {
+        p.abort();
+    }
+    match status {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(-1);
+            Outcome::Exited {
+                code,
+                oom_killed: false,
+                stopped: stopping,
             }
-            Err(e) => Outcome::failed(
-                pb::FailureKind::ExecutorError,
-                format!("waiting for process {pid}: {e}"),
-            ),
         }
+        Err(e) => Outcome::failed(
+            pb::FailureKind::ExecutorError,
+            format!("waiting for process {pid}: {e}"),
+        ),
     }
 }

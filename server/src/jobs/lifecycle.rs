@@ -16,13 +16,14 @@
 //! through it; the rules themselves live in the state machine, [`crate::locks`],
 //! [`crate::logs`] and [`crate::commands`].
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::Arc,
 };
 
 use gantry_proto::{
-    FailureKind, JobEvent, JobSpec, JobStatus, LimitReached, LogStream, PhaseChange, Progress,
-    StatusChange, StorageLimit, command, job_event,
+    CommandUpdate, ExecCommand, ExecutorPhase, FailureKind, JobEvent, JobSpec, JobStatus,
+    LimitReached, LogStream, PhaseChange, Progress, SandboxChange, StatusChange, StorageLimit,
+    command, job_event,
 };
 use prost::Message;
 use sea_orm::{
@@ -35,12 +36,13 @@ use crate::{
     clock::Clock,
     commands,
     error::{Error, Result},
-    jobs::state::{self, AttemptEnd, AttemptView, Decision, JobView, Retry, status_of},
+    jobs::state::{self, AttemptEnd, AttemptView, Decision, JobView, Kind, Retry, status_of},
     locks, logs,
+    sandboxes::state as sandbox_rules,
     signals::{Hub, Signals},
     store::{
         Store, WriteTxn,
-        entity::{attempt, event, job, log_chunk},
+        entity::{attempt, event, job, log_chunk, sandbox, sandbox_command},
     },
 };
 
@@ -120,6 +122,17 @@ pub struct Lifecycle<'t> {
     released_locks: Vec<(String, Uuid)>,
     /// Commands to issue at flush, per runner in order.
     commands: BTreeMap<Uuid, Vec<command::Kind>>,
+    /// Sandbox rows of the loaded sandboxes (and of the loaded commands' sandboxes).
+    sandboxes: HashMap<Uuid, sandbox::Model>,
+    dirty_sandboxes: HashSet<Uuid>,
+    new_sandboxes: HashSet<Uuid>,
+    /// Command rows inserted by this unit of work.
+    new_commands: Vec<sandbox_command::Model>,
+    /// Running sandboxes that may start their next command at flush, and whether one of
+    /// their commands ended (one-shot).
+    advance: BTreeMap<Uuid, bool>,
+    /// Sandboxes that ended: their unfinished commands end too at flush.
+    ended_sandboxes: BTreeSet<Uuid>,
     /// What to announce after commit.
     signals: Signals,
     /// A test double for a fault between a decision and its application (see the tests).
@@ -145,6 +158,8 @@ pub fn job_view(model: &job::Model) -> JobView {
     let seconds = |s: u32| i64::from(s) * 1000;
     JobView {
         id: model.id,
+        kind: Kind::of(model.kind),
+        parent: model.parent_id,
         status: status_of(model.status),
         attempt_count: u32::try_from(model.attempt_count).unwrap_or_default(),
         current_lease: model.current_lease,
@@ -191,6 +206,12 @@ impl<'t> Lifecycle<'t> {
             logs: Vec::new(),
             released_locks: Vec::new(),
             commands: BTreeMap::new(),
+            sandboxes: HashMap::new(),
+            dirty_sandboxes: HashSet::new(),
+            new_sandboxes: HashSet::new(),
+            new_commands: Vec::new(),
+            advance: BTreeMap::new(),
+            ended_sandboxes: BTreeSet::new(),
             signals: Signals::default(),
             #[cfg(test)]
             fault: None,
@@ -204,12 +225,30 @@ impl<'t> Lifecycle<'t> {
 
     /// Loads jobs not yet loaded, locking their rows on PostgreSQL.
     pub async fn load_jobs(&mut self, ids: impl IntoIterator<Item = Uuid>) -> Result<()> {
-        let missing: Vec<Uuid> = ids
+        let mut missing: Vec<Uuid> = ids
             .into_iter()
             .filter(|id| !self.jobs.contains_key(id))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        if self.postgres && !missing.is_empty() {
+            // A command comes with its sandbox: found first with a plain read, so that both
+            // are locked in the one order (by id; a sandbox is older than its commands).
+            for chunk in missing.clone().chunks(INSERT_CHUNK) {
+                let parents: Vec<Option<Uuid>> = job::Entity::find()
+                    .select_only()
+                    .column(job::Column::ParentId)
+                    .filter(job::Column::Id.is_in(chunk.iter().copied()))
+                    .filter(job::Column::ParentId.is_not_null())
+                    .into_tuple()
+                    .all(self.txn)
+                    .await?;
+                missing.extend(parents.into_iter().flatten());
+            }
+            missing.sort();
+            missing.dedup();
+            missing.retain(|id| !self.jobs.contains_key(id));
+        }
         for chunk in missing.chunks(INSERT_CHUNK) {
             let mut q = job::Entity::find().filter(job::Column::Id.is_in(chunk.iter().copied()));
             if self.postgres {
@@ -218,6 +257,40 @@ impl<'t> Lifecycle<'t> {
             }
             for model in q.all(self.txn).await? {
                 self.jobs.insert(model.id, model);
+            }
+        }
+        // A command comes with its sandbox (its changes show in the sandbox's trail), and a
+        // sandbox with its own row.
+        let parents: Vec<Uuid> = self
+            .jobs
+            .values()
+            .filter_map(|j| j.parent_id)
+            .filter(|p| !self.jobs.contains_key(p))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in parents.chunks(INSERT_CHUNK) {
+            let mut q = job::Entity::find().filter(job::Column::Id.is_in(chunk.iter().copied()));
+            if self.postgres {
+                q = q.order_by_asc(job::Column::Id).lock_exclusive();
+            }
+            for model in q.all(self.txn).await? {
+                self.jobs.insert(model.id, model);
+            }
+        }
+        let rows: Vec<Uuid> = self
+            .jobs
+            .values()
+            .filter(|j| Kind::of(j.kind) == Kind::Sandbox && !self.sandboxes.contains_key(&j.id))
+            .map(|j| j.id)
+            .collect();
+        for chunk in rows.chunks(INSERT_CHUNK) {
+            for model in sandbox::Entity::find()
+                .filter(sandbox::Column::Id.is_in(chunk.iter().copied()))
+                .all(self.txn)
+                .await?
+            {
+                self.sandboxes.insert(model.id, model);
             }
         }
         Ok(())
@@ -326,6 +399,8 @@ impl<'t> Lifecycle<'t> {
             .get(&d.job)
             .ok_or_else(|| Error::Internal(format!("job {} used before it was loaded", d.job)))?;
         let status = status_of(job.status);
+        let kind = Kind::of(job.kind);
+        let parent = job.parent_id;
         if let Some(m) = &d.status {
             if m.from != status {
                 return Err(Error::FailedPrecondition(format!(
@@ -420,6 +495,7 @@ impl<'t> Lifecycle<'t> {
                     stderr_len: 0,
                     cancel_deadline_at: None,
                     log_capped: false,
+                    parent_lease: s.parent_lease,
                 },
             );
             self.new_attempts.insert(s.lease);
@@ -496,7 +572,16 @@ impl<'t> Lifecycle<'t> {
                 message: m.message.clone(),
                 exit_code: m.exit_code,
             });
-            self.push_event(d.job, d.attempt, event, false);
+            match kind {
+                Kind::Job => self.push_event(d.job, d.attempt, event, false),
+                Kind::Sandbox => self.sandbox_moved(d.job, d.attempt, m),
+                Kind::Command => {
+                    self.push_event(d.job, d.attempt, event, false);
+                    if let Some(sandbox) = parent {
+                        self.command_moved(sandbox, d.job, m);
+                    }
+                }
+            }
         }
         if let Some(held) = d.release_lock {
             self.released_locks.push(held);
@@ -557,6 +642,151 @@ impl<'t> Lifecycle<'t> {
         self.signals.jobs.insert(job_id);
     }
 
+    /// A sandbox's status moved: its trail records the lifecycle step; RUNNING may start its
+    /// first command, an end ends its commands (both at flush).
+    fn sandbox_moved(&mut self, id: Uuid, attempt: u32, m: &state::Move) {
+        let starting = self.sandboxes.get(&id).is_some_and(|s| s.starting);
+        let (runner, container) = match self.jobs.get(&id) {
+            Some(j) => (
+                j.runner_id.map(|r| r.to_string()).unwrap_or_default(),
+                j.current_lease
+                    .and_then(|l| self.attempts.get(&l))
+                    .map(|a| a.container_id.clone())
+                    .unwrap_or_default(),
+            ),
+            None => (String::new(), String::new()),
+        };
+        let event = job_event::Kind::Sandbox(SandboxChange {
+            from: sandbox_rules::sandbox_status(m.from, starting) as i32,
+            to: sandbox_rules::sandbox_status(m.to, starting) as i32,
+            failure_kind: sandbox_rules::sandbox_failure(m.to, m.failure_kind) as i32,
+            message: m.message.clone(),
+            runner_id: runner,
+            container_id: container,
+        });
+        self.push_event(id, attempt, event, false);
+        if m.to == JobStatus::Running {
+            self.touch(id);
+            self.advance.entry(id).or_insert(false);
+        }
+        if state::is_terminal(m.to) {
+            self.ended_sandboxes.insert(id);
+        }
+    }
+
+    /// A command's status moved: its sandbox's trail records it; an end lets the sandbox
+    /// start its next command (at flush).
+    fn command_moved(&mut self, sandbox: Uuid, id: Uuid, m: &state::Move) {
+        let number = self.command_number(&id);
+        let event = job_event::Kind::Command(CommandUpdate {
+            command_id: id.to_string(),
+            number,
+            status: sandbox_rules::command_status(m.to) as i32,
+            failure_kind: m.failure_kind as i32,
+            message: m.message.clone(),
+            exit_code: m.exit_code,
+            progress: None,
+        });
+        self.push_event(sandbox, 0, event, false);
+        if state::is_terminal(m.to) {
+            self.touch(sandbox);
+            *self.advance.entry(sandbox).or_insert(false) = true;
+        }
+    }
+
+    /// A command's number in its sandbox, from its spec's metadata (see
+    /// [`crate::sandboxes::NUMBER_KEY`]).
+    fn command_number(&self, id: &Uuid) -> u32 {
+        self.jobs
+            .get(id)
+            .and_then(|j| JobSpec::decode(j.spec.as_slice()).ok())
+            .and_then(|s| {
+                s.metadata
+                    .get(crate::sandboxes::NUMBER_KEY)
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or_default()
+    }
+
+    /// The sandbox was active now (its idle timeout counts from here).
+    fn touch(&mut self, sandbox: Uuid) {
+        if let Some(row) = self.sandboxes.get_mut(&sandbox) {
+            row.last_activity_at = self.now;
+            self.dirty_sandboxes.insert(sandbox);
+        }
+    }
+
+    /// A loaded sandbox's row.
+    pub fn sandbox(&self, id: &Uuid) -> Option<&sandbox::Model> {
+        self.sandboxes.get(id)
+    }
+
+    /// Inserts a new PENDING sandbox: its job row (kind SANDBOX, already validated) and its
+    /// own row, with its first lifecycle event.
+    pub fn insert_sandbox(&mut self, model: job::Model, row: sandbox::Model) {
+        let id = model.id;
+        self.jobs.insert(id, model);
+        self.new_jobs.insert(id);
+        self.sandboxes.insert(id, row);
+        self.new_sandboxes.insert(id);
+        self.push_event(
+            id,
+            0,
+            job_event::Kind::Sandbox(SandboxChange {
+                from: gantry_proto::SandboxStatus::Unspecified as i32,
+                to: gantry_proto::SandboxStatus::Pending as i32,
+                failure_kind: 0,
+                message: "created".into(),
+                runner_id: String::new(),
+                container_id: String::new(),
+            }),
+            false,
+        );
+        self.signals.work = true;
+    }
+
+    /// Accepts a new QUEUED command (job row of kind COMMAND, already validated) for the
+    /// loaded sandbox `row.sandbox_id`; a running sandbox sends it at flush when it is next.
+    pub fn insert_command(&mut self, model: job::Model, row: sandbox_command::Model) {
+        let id = model.id;
+        let sandbox = row.sandbox_id;
+        self.jobs.insert(id, model);
+        self.new_jobs.insert(id);
+        self.push_event(
+            id,
+            0,
+            job_event::Kind::Status(StatusChange {
+                from: JobStatus::Unspecified as i32,
+                to: JobStatus::Queued as i32,
+                failure_kind: FailureKind::Unspecified as i32,
+                message: "accepted".into(),
+                exit_code: None,
+            }),
+            false,
+        );
+        self.push_event(
+            sandbox,
+            0,
+            job_event::Kind::Command(CommandUpdate {
+                command_id: id.to_string(),
+                number: u32::try_from(row.number).unwrap_or_default(),
+                status: gantry_proto::CommandStatus::Queued as i32,
+                failure_kind: 0,
+                message: "accepted".into(),
+                exit_code: None,
+                progress: None,
+            }),
+            false,
+        );
+        if let Some(s) = self.sandboxes.get_mut(&sandbox) {
+            s.command_count = s.command_count.max(row.number);
+            s.last_activity_at = self.now;
+            self.dirty_sandboxes.insert(sandbox);
+        }
+        self.new_commands.push(row);
+        self.advance.entry(sandbox).or_insert(false);
+    }
+
     /// Inserts a new QUEUED job (already validated) with its submit event.
     pub fn insert_job(&mut self, model: job::Model) {
         let id = model.id;
@@ -595,8 +825,22 @@ impl<'t> Lifecycle<'t> {
     /// Records progress reported by the work: the job's latest progress, and an event.
     pub fn record_progress(&mut self, lease: Uuid, progress: Progress) -> Result<()> {
         let (job_id, number) = self.reported(&lease)?;
+        let mut parent = None;
         if let Some(job) = self.jobs.get_mut(&job_id) {
             job.progress = Some(progress.encode_to_vec());
+            parent = job.parent_id;
+        }
+        if let Some(sandbox) = parent {
+            let update = CommandUpdate {
+                command_id: job_id.to_string(),
+                number: self.command_number(&job_id),
+                status: gantry_proto::CommandStatus::Running as i32,
+                failure_kind: 0,
+                message: String::new(),
+                exit_code: None,
+                progress: Some(progress.clone()),
+            };
+            self.push_event(sandbox, 0, job_event::Kind::Command(update), true);
         }
         self.push_event(job_id, number, job_event::Kind::Progress(progress), true);
         Ok(())
@@ -605,6 +849,27 @@ impl<'t> Lifecycle<'t> {
     /// Records an executor phase.
     pub fn record_phase(&mut self, lease: Uuid, phase: PhaseChange) -> Result<()> {
         let (job_id, number) = self.reported(&lease)?;
+        let starting = phase.phase == ExecutorPhase::Starting as i32;
+        if starting
+            && let Some(job) = self.jobs.get(&job_id)
+            && status_of(job.status) == JobStatus::Assigned
+            && let Some(row) = self.sandboxes.get_mut(&job_id)
+            && !row.starting
+        {
+            // CREATING -> STARTING is a lifecycle step of its own.
+            row.starting = true;
+            self.dirty_sandboxes.insert(job_id);
+            let runner = job.runner_id.map(|r| r.to_string()).unwrap_or_default();
+            let event = job_event::Kind::Sandbox(SandboxChange {
+                from: gantry_proto::SandboxStatus::Creating as i32,
+                to: gantry_proto::SandboxStatus::Starting as i32,
+                failure_kind: 0,
+                message: phase.message.clone(),
+                runner_id: runner,
+                container_id: String::new(),
+            });
+            self.push_event(job_id, number, event, false);
+        }
         self.push_event(job_id, number, job_event::Kind::Phase(phase), true);
         Ok(())
     }
@@ -719,8 +984,184 @@ impl<'t> Lifecycle<'t> {
         }
     }
 
+    /// What sandboxes do after this unit of work's changes, decided by
+    /// [`sandbox_rules::next`] and [`state::abandon`]: a sandbox that ended ends its
+    /// unfinished commands; a running one whose command ended (or that started, or accepted a
+    /// command) sends its next command to its runner, or ends itself when one-shot. Repeated
+    /// until nothing follows (an end can follow from a one-shot, and so on).
+    async fn follow_up(&mut self) -> Result<()> {
+        for _ in 0..8 {
+            let ended = std::mem::take(&mut self.ended_sandboxes);
+            let advance = std::mem::take(&mut self.advance);
+            if ended.is_empty() && advance.is_empty() {
+                return Ok(());
+            }
+            let all: Vec<Uuid> = ended.iter().chain(advance.keys()).copied().collect();
+            // Their unfinished commands, with the attempts of those under way.
+            let open: Vec<(Uuid, Option<Uuid>)> = job::Entity::find()
+                .select_only()
+                .column(job::Column::Id)
+                .column(job::Column::CurrentLease)
+                .filter(job::Column::ParentId.is_in(all.clone()))
+                .filter(job::Column::FinishedAt.is_null())
+                .into_tuple()
+                .all(self.txn)
+                .await?;
+            // The sandboxes' own attempts too: a one-shot delete touches them.
+            let sandbox_leases: Vec<Uuid> = all
+                .iter()
+                .filter_map(|id| self.jobs.get(id).and_then(|j| j.current_lease))
+                .collect();
+            self.load_attempts(open.iter().filter_map(|(_, l)| *l).chain(sandbox_leases))
+                .await?;
+            self.load_jobs(open.iter().map(|(id, _)| *id)).await?;
+            let unfinished = |lc: &Self, sandbox: Uuid| -> Vec<(Uuid, JobStatus)> {
+                let mut v: Vec<(Uuid, JobStatus)> = lc
+                    .jobs
+                    .values()
+                    .filter(|j| j.parent_id == Some(sandbox))
+                    .map(|j| (j.id, status_of(j.status)))
+                    .filter(|(_, s)| !state::is_terminal(*s))
+                    .collect();
+                v.sort();
+                v
+            };
+            for sandbox in &ended {
+                let Some(row) = self.jobs.get(sandbox) else {
+                    continue;
+                };
+                let status = status_of(row.status);
+                let failed = (status == JobStatus::Failed).then(|| {
+                    FailureKind::try_from(row.failure_kind).unwrap_or(FailureKind::ExecutorError)
+                });
+                let message = match failed {
+                    Some(_) => format!("the sandbox failed: {}", row.failure_message),
+                    None => format!("the sandbox ended: {}", row.failure_message),
+                };
+                for (id, _) in unfinished(self, *sandbox) {
+                    let view = self.job_view(&id)?;
+                    let attempt = view.current_lease.and_then(|l| self.attempt_view(&l));
+                    if let Some(d) =
+                        state::abandon(&view, attempt.as_ref(), failed, &message, self.now)?
+                    {
+                        self.apply(d)?;
+                    }
+                }
+            }
+            for (sandbox, a_command_ended) in advance {
+                if ended.contains(&sandbox) {
+                    continue;
+                }
+                let Some(row) = self.jobs.get(&sandbox) else {
+                    continue;
+                };
+                if status_of(row.status) != JobStatus::Running {
+                    continue;
+                }
+                let one_shot = self.sandboxes.get(&sandbox).is_some_and(|s| s.one_shot);
+                let views: Vec<sandbox_rules::CommandView> = unfinished(self, sandbox)
+                    .into_iter()
+                    .map(|(id, status)| sandbox_rules::CommandView { id, status })
+                    .collect();
+                match sandbox_rules::next(one_shot, a_command_ended, &views) {
+                    sandbox_rules::Next::Wait => {}
+                    sandbox_rules::Next::Delete(message) => {
+                        let view = self.job_view(&sandbox)?;
+                        let d = state::stop(
+                            &view,
+                            format!("deleting: {message}"),
+                            &message,
+                            self.now,
+                            self.rules.lease_ms,
+                        )?;
+                        self.apply(d)?;
+                    }
+                    sandbox_rules::Next::Start(command) => {
+                        self.start_command(sandbox, command).await?
+                    }
+                }
+            }
+        }
+        Err(Error::Internal(
+            "sandbox follow-ups did not settle within 8 rounds".into(),
+        ))
+    }
+
+    /// Claims `command` for the runner holding the running `sandbox`, under a lease that
+    /// lives with the sandbox's, and sends it to that runner (an [`ExecCommand`]).
+    async fn start_command(&mut self, sandbox: Uuid, command: Uuid) -> Result<()> {
+        let holder = self
+            .jobs
+            .get(&sandbox)
+            .and_then(|j| j.runner_id.zip(j.current_lease));
+        let Some((runner, sandbox_lease)) = holder else {
+            return Err(Error::Internal(format!(
+                "running sandbox {sandbox} has no runner or lease"
+            )));
+        };
+        let stdin: Vec<u8> = match self.new_commands.iter().find(|c| c.id == command) {
+            Some(row) => row.stdin.clone(),
+            None => sandbox_command::Entity::find_by_id(command)
+                .select_only()
+                .column(sandbox_command::Column::Stdin)
+                .into_tuple()
+                .one(self.txn)
+                .await?
+                .unwrap_or_default(),
+        };
+        let view = self.job_view(&command)?;
+        let lease = Uuid::now_v7();
+        let mut decision = state::claim(&view, runner, lease, self.now, self.rules.lease_ms)?;
+        let Some(start) = decision.start.as_mut() else {
+            return Err(Error::Internal(format!(
+                "claim of command {command} started nothing"
+            )));
+        };
+        // Not heartbeated: the command lives and dies with its sandbox's lease.
+        start.lease_expires_at = i64::MAX;
+        start.parent_lease = Some(sandbox_lease);
+        let deadline = start.deadline_at;
+        let number = self.command_number(&command);
+        let spec_of = |id: &Uuid| -> Result<JobSpec> {
+            Ok(self
+                .jobs
+                .get(id)
+                .map(|j| JobSpec::decode(j.spec.as_slice()))
+                .transpose()?
+                .unwrap_or_default())
+        };
+        let spec = spec_of(&command)?;
+        let parent = spec_of(&sandbox)?;
+        // The sandbox's environment and working directory, the command's own over them.
+        let mut env = parent.env;
+        env.extend(spec.env);
+        let working_dir = if spec.working_dir.is_empty() {
+            parent.working_dir
+        } else {
+            spec.working_dir
+        };
+        decision.command = Some((
+            runner,
+            command::Kind::Exec(ExecCommand {
+                sandbox_id: sandbox.to_string(),
+                sandbox_lease_id: sandbox_lease.to_string(),
+                command_id: command.to_string(),
+                lease_id: lease.to_string(),
+                number,
+                argv: spec.command,
+                env,
+                working_dir,
+                stdin,
+                deadline_unix_ms: deadline,
+                grace_seconds: spec.cancel_grace_seconds,
+            }),
+        ));
+        self.apply(decision)
+    }
+
     /// Writes every change; returns the signals to publish after commit.
     pub async fn flush(mut self) -> Result<Signals> {
+        self.follow_up().await?;
         let mut new_jobs = Vec::new();
         for id in std::mem::take(&mut self.new_jobs) {
             self.dirty_jobs.remove(&id);
@@ -808,6 +1249,50 @@ impl<'t> Lifecycle<'t> {
                 .exec_without_returning(self.txn)
                 .await?;
         }
+        let sandboxes: Vec<sandbox::ActiveModel> = self
+            .new_sandboxes
+            .iter()
+            .filter_map(|id| self.sandboxes.get(id))
+            .map(|m| m.clone().into_active_model())
+            .collect();
+        for chunk in sandboxes.chunks(INSERT_CHUNK / 10) {
+            sandbox::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(self.txn)
+                .await?;
+        }
+        let mut dirty: Vec<Uuid> = std::mem::take(&mut self.dirty_sandboxes)
+            .into_iter()
+            .filter(|id| !self.new_sandboxes.contains(id))
+            .collect();
+        dirty.sort();
+        let rows: Vec<sandbox::ActiveModel> = dirty
+            .iter()
+            .filter_map(|id| self.sandboxes.get(id))
+            .map(|m| m.clone().into_active_model())
+            .collect();
+        for chunk in rows.chunks(UPSERT_CHUNK) {
+            sandbox::Entity::insert_many(chunk.to_vec())
+                .on_conflict(
+                    OnConflict::column(sandbox::Column::Id)
+                        .update_columns([
+                            sandbox::Column::LastActivityAt,
+                            sandbox::Column::CommandCount,
+                            sandbox::Column::Starting,
+                        ])
+                        .to_owned(),
+                )
+                .exec_without_returning(self.txn)
+                .await?;
+        }
+        let commands: Vec<sandbox_command::ActiveModel> = std::mem::take(&mut self.new_commands)
+            .into_iter()
+            .map(IntoActiveModel::into_active_model)
+            .collect();
+        for chunk in commands.chunks(INSERT_CHUNK / 10) {
+            sandbox_command::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(self.txn)
+                .await?;
+        }
         locks::release(self.txn, &self.released_locks).await?;
         // Runners in id order: a fixed lock order on PostgreSQL.
         for (runner, kinds) in std::mem::take(&mut self.commands) {
@@ -845,6 +1330,8 @@ pub fn new_job(spec: &JobSpec, retried_from: Option<Uuid>, now: i64) -> job::Mod
         retried_from,
         log_bytes: 0,
         events_capped: false,
+        kind: Kind::Job.as_i32(),
+        parent_id: None,
     }
 }
 

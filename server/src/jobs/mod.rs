@@ -83,6 +83,7 @@ pub async fn get(db: &DatabaseConnection, id: Uuid) -> Result<pb::Job> {
     let model = job::Entity::find_by_id(id)
         .one(db)
         .await?
+        .filter(|m| state::Kind::of(m.kind) == state::Kind::Job)
         .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     let attempts = attempt::Entity::find()
         .filter(attempt::Column::JobId.eq(id))
@@ -102,7 +103,7 @@ pub async fn list(
         n @ 1..=1000 => n,
         _ => return Err(Error::invalid("page_size", "must be within 0..=1000")),
     };
-    let mut q = job::Entity::find();
+    let mut q = job::Entity::find().filter(job::Column::Kind.eq(state::Kind::Job.as_i32()));
     if !req.statuses.is_empty() {
         for s in &req.statuses {
             if pb::JobStatus::try_from(*s).is_err() || *s == 0 {
@@ -178,6 +179,9 @@ pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
         lc.load_attempts([lease]).await?;
     }
     let view = lc.require_job(id).await?;
+    if view.kind != state::Kind::Job {
+        return Err(Error::NotFound(format!("job {id}")));
+    }
     if let Some(lease) = view.current_lease.filter(|l| Some(*l) != current) {
         // Assigned again between the read and the lock (rare): that attempt too.
         lc.load_attempts([lease]).await?;
@@ -209,6 +213,7 @@ pub async fn retry(
     let original = job::Entity::find_by_id(id)
         .one(db)
         .await?
+        .filter(|m| state::Kind::of(m.kind) == state::Kind::Job)
         .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     if !state::is_terminal(status_of(original.status)) {
         return Err(Error::FailedPrecondition(format!(

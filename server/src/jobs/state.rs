@@ -23,6 +23,37 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 
+/// What a job row is. A sandbox is placed and held like a job, but its attempt stays open
+/// and is never placed again once a runner reported on it; a command is a child of a
+/// sandbox, placed by its sandbox (never by dispatch) on the sandbox's runner, and is never
+/// taken back or retried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Job,
+    Sandbox,
+    Command,
+}
+
+impl Kind {
+    /// The stored number.
+    pub fn as_i32(self) -> i32 {
+        match self {
+            Kind::Job => 0,
+            Kind::Sandbox => 1,
+            Kind::Command => 2,
+        }
+    }
+
+    /// The kind of a stored number (a job for a number this build does not know).
+    pub fn of(raw: i32) -> Kind {
+        match raw {
+            1 => Kind::Sandbox,
+            2 => Kind::Command,
+            _ => Kind::Job,
+        }
+    }
+}
+
 /// A stored status number as the enum (UNSPECIFIED for a number this build does not know).
 pub fn status_of(raw: i32) -> JobStatus {
     JobStatus::try_from(raw).unwrap_or(JobStatus::Unspecified)
@@ -40,7 +71,8 @@ pub fn is_terminal(status: JobStatus) -> bool {
 pub fn allowed(from: JobStatus, to: JobStatus) -> bool {
     use JobStatus::*;
     match from {
-        Queued => matches!(to, Assigned | Canceled),
+        // FAILED from QUEUED: a sandbox command whose sandbox failed before it ran.
+        Queued => matches!(to, Assigned | Canceled | Failed),
         Assigned => matches!(
             to,
             Running | Canceling | Queued | Succeeded | Failed | Canceled | TimedOut
@@ -96,6 +128,9 @@ impl Retry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobView {
     pub id: Uuid,
+    pub kind: Kind,
+    /// A command's sandbox.
+    pub parent: Option<Uuid>,
     pub status: JobStatus,
     /// Attempts made (claims that count).
     pub attempt_count: u32,
@@ -204,6 +239,8 @@ pub struct Start {
     pub number: u32,
     pub lease_expires_at: i64,
     pub deadline_at: i64,
+    /// A command's attempt: its sandbox's lease.
+    pub parent_lease: Option<Uuid>,
 }
 
 /// How an attempt ended, as recorded on it.
@@ -218,7 +255,7 @@ pub struct Ended {
 }
 
 /// One complete change of one job, decided from views. See the module comment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Decision {
     pub job: Uuid,
     /// The attempt the change belongs to (0: none), for its events.
@@ -337,6 +374,7 @@ pub fn claim(
             number,
             lease_expires_at: now.saturating_add(lease_ms),
             deadline_at: now.saturating_add(job.timeout_ms),
+            parent_lease: None,
         }),
         ..Decision::nothing(job.id)
     })
@@ -418,6 +456,7 @@ pub fn end(job: &JobView, attempt: &AttemptView, end: AttemptEnd, now: i64) -> R
         });
     }
     if job.status == JobStatus::Assigned
+        && job.kind != Kind::Command
         && matches!(end, AttemptEnd::Lost { .. })
         && attempt.acked_seq == 0
         && !attempt.started
@@ -478,8 +517,13 @@ pub fn end(job: &JobView, attempt: &AttemptView, end: AttemptEnd, now: i64) -> R
 /// an untouched, current claim (a claim the runner reported on is left to its lease).
 pub fn take_back(job: &JobView, attempt: &AttemptView, why: String) -> Option<Decision> {
     let untouched = !attempt.finished && attempt.acked_seq == 0 && !attempt.started;
-    (untouched && job.status == JobStatus::Assigned && job.current_lease == Some(attempt.lease))
-        .then(|| take_back_decision(job, attempt, why))
+    // A command's assignment is a persisted runner command, delivered until acknowledged:
+    // never taken back (it would run twice).
+    (untouched
+        && job.kind != Kind::Command
+        && job.status == JobStatus::Assigned
+        && job.current_lease == Some(attempt.lease))
+    .then(|| take_back_decision(job, attempt, why))
 }
 
 fn take_back_decision(job: &JobView, attempt: &AttemptView, why: String) -> Decision {
@@ -508,6 +552,18 @@ pub fn cancel(job: &JobView, reason: &str, now: i64, lease_ms: i64) -> Result<De
     } else {
         format!("canceled by user: {reason}")
     };
+    stop(job, message, reason, now, lease_ms)
+}
+
+/// A cancel with the event's `message` given whole and `reason` passed to the runner: what
+/// deletes a sandbox (by a user, its idle timeout, one-shot) and cancels its commands.
+pub fn stop(
+    job: &JobView,
+    message: String,
+    reason: &str,
+    now: i64,
+    lease_ms: i64,
+) -> Result<Decision> {
     let to = |to: JobStatus| {
         Some(Move {
             from: job.status,
@@ -556,6 +612,57 @@ pub fn cancel(job: &JobView, reason: &str, now: i64, lease_ms: i64) -> Result<De
             other.as_str_name()
         ))),
     }
+}
+
+/// What happens to a command of a sandbox that ended: a queued one ends at once (CANCELED
+/// when the sandbox was deleted, FAILED with the sandbox's failure kind when it failed); one
+/// under way ends its attempt so, whatever its runner still says about it. `None` when the
+/// command has already ended.
+pub fn abandon(
+    job: &JobView,
+    attempt: Option<&AttemptView>,
+    failed: Option<FailureKind>,
+    message: &str,
+    now: i64,
+) -> Result<Option<Decision>> {
+    if is_terminal(job.status) {
+        return Ok(None);
+    }
+    let (to, kind) = match failed {
+        Some(kind) => (JobStatus::Failed, kind),
+        None => (JobStatus::Canceled, FailureKind::Canceled),
+    };
+    if job.status == JobStatus::Queued {
+        return Ok(Some(Decision {
+            status: Some(Move {
+                from: JobStatus::Queued,
+                to,
+                failure_kind: kind,
+                message: message.to_string(),
+                exit_code: None,
+            }),
+            ..Decision::nothing(job.id)
+        }));
+    }
+    let Some(attempt) = attempt else {
+        return Err(Error::Internal(format!(
+            "command {} is {} without its attempt",
+            job.id,
+            job.status.as_str_name()
+        )));
+    };
+    let end_as = match failed {
+        Some(kind) => AttemptEnd::Failed {
+            kind,
+            message: message.to_string(),
+            exit_code: None,
+        },
+        None => AttemptEnd::Canceled {
+            message: message.to_string(),
+            exit_code: None,
+        },
+    };
+    end(job, attempt, end_as, now).map(Some)
 }
 
 /// Where a job goes when its current attempt ends.
@@ -664,6 +771,8 @@ mod tests {
         (
             JobView {
                 id,
+                kind: Kind::Job,
+                parent: None,
                 status,
                 attempt_count: 1,
                 current_lease: claimed.then_some(lease),

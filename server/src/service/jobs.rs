@@ -13,9 +13,12 @@ use crate::{
 pub struct JobApi(pub App);
 
 /// A domain stream as the protocol sends it.
-type Stream<T> = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+pub(super) type Stream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
 
-fn stream<T: Send + 'static>(rx: tokio::sync::mpsc::Receiver<Result<T, Error>>) -> Stream<T> {
+pub(super) fn stream<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<Result<T, Error>>,
+) -> Stream<T> {
     Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))
 }
 

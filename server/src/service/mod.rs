@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod jobs;
 pub mod runner;
+pub mod sandbox;
 pub mod session;
 pub mod status;
 

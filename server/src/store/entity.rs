@@ -44,6 +44,10 @@ pub mod job {
         pub log_bytes: i64,
         /// Progress and phase events reached the per-job limit (its event is recorded).
         pub events_capped: bool,
+        /// What the row is: [`crate::sandboxes::KIND_JOB`], `KIND_SANDBOX` or `KIND_COMMAND`.
+        pub kind: i32,
+        /// A command's sandbox.
+        pub parent_id: Option<Uuid>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -107,6 +111,9 @@ pub mod attempt {
         pub cancel_deadline_at: Option<i64>,
         /// The job's log limit was reached during this attempt (its marker is written).
         pub log_capped: bool,
+        /// A command's attempt: the lease of its sandbox, which it lives and dies with (it is
+        /// not heartbeated, not in the runner's account and takes no slot).
+        pub parent_lease: Option<Uuid>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -230,6 +237,56 @@ pub mod lock {
         pub lock_key: String,
         pub job_id: Uuid,
         pub lease_id: Uuid,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// What only a sandbox has (its job row holds the rest).
+pub mod sandbox {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sandboxes")]
+    pub struct Model {
+        /// The sandbox's job id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub idle_timeout_ms: i64,
+        pub one_shot: bool,
+        /// Last time a command was accepted or ended (or the sandbox started running).
+        pub last_activity_at: i64,
+        /// Commands accepted so far (the last command's number).
+        pub command_count: i32,
+        /// The runner reported phase STARTING (CREATING before it).
+        pub starting: bool,
+        pub idempotency_key: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// What only a sandbox command has (its job row holds the rest).
+pub mod sandbox_command {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "sandbox_commands")]
+    pub struct Model {
+        /// The command's job id.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub sandbox_id: Uuid,
+        /// 1, 2, 3 ... in its sandbox.
+        pub number: i32,
+        pub stdin: Vec<u8>,
+        pub idempotency_key: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -60,9 +60,12 @@ struct Args {
     /// PostgreSQL admin URL for the PostgreSQL run (default: GANTRY_TEST_POSTGRES_URL).
     #[arg(long, env = "GANTRY_TEST_POSTGRES_URL")]
     postgres_url: Option<String>,
-    /// Skip the docker scenario.
+    /// Skip the docker scenario (and the docker sandbox figures).
     #[arg(long)]
     no_docker: bool,
+    /// Skip the sandbox scenario.
+    #[arg(long)]
+    no_sandboxes: bool,
     /// How the server's SQLite commits: `full` (the server's default: every acknowledged
     /// commit survives a power loss) or `normal`. The raw SQLite reference commits the same way.
     #[arg(long, value_parser = ["full", "normal"], default_value = "full")]
@@ -984,6 +987,224 @@ async fn docker_overhead(samples: usize) -> (f64, f64) {
     (pct(&full, 50.0), pct(&bare, 50.0))
 }
 
+type SandboxClient = pb::sandbox_service_client::SandboxServiceClient<Authed>;
+
+/// Creates `n` sandboxes from `spec` and waits until every one runs; returns their ids and
+/// each one's create -> running time (server clock: created_at to started_at).
+async fn running_sandboxes(
+    sandboxes: &mut SandboxClient,
+    spec: &pb::SandboxSpec,
+    n: usize,
+) -> (Vec<String>, Vec<Duration>) {
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let s = sandboxes
+            .create_sandbox(pb::CreateSandboxRequest {
+                spec: Some(spec.clone()),
+                idempotency_key: String::new(),
+            })
+            .await
+            .expect("create sandbox")
+            .into_inner()
+            .sandbox
+            .expect("sandbox");
+        ids.push(s.id);
+    }
+    let mut took = Vec::new();
+    for id in &ids {
+        let mut events = sandboxes
+            .watch_sandbox(pb::WatchSandboxRequest {
+                sandbox_id: id.clone(),
+                after_sequence: 0,
+                follow: true,
+            })
+            .await
+            .expect("watch sandbox")
+            .into_inner();
+        while let Some(e) = events.next().await {
+            let e = e.expect("event");
+            match e.kind {
+                Some(pb::job_event::Kind::Sandbox(c))
+                    if c.to == pb::SandboxStatus::Running as i32 =>
+                {
+                    break;
+                }
+                Some(pb::job_event::Kind::Sandbox(c))
+                    if c.to >= pb::SandboxStatus::Deleting as i32 =>
+                {
+                    panic!("sandbox {id} ended before it ran: {}", c.message)
+                }
+                _ => {}
+            }
+        }
+        let s = sandboxes
+            .get_sandbox(pb::GetSandboxRequest {
+                sandbox_id: id.clone(),
+            })
+            .await
+            .expect("get sandbox")
+            .into_inner();
+        let ms = (s.started_at_unix_ms - s.created_at_unix_ms).max(0) as u64;
+        took.push(Duration::from_millis(ms));
+    }
+    (ids, took)
+}
+
+/// Runs `true` in sandbox `id` `samples` times, one after another; returns each command's
+/// accepted -> running time (server clock: the command's created_at to started_at).
+async fn exec_starts(mut sandboxes: SandboxClient, id: String, samples: usize) -> Vec<Duration> {
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let c = sandboxes
+            .run_command(pb::RunCommandRequest {
+                sandbox_id: id.clone(),
+                command: Some(pb::CommandSpec {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }),
+            })
+            .await
+            .expect("run command")
+            .into_inner()
+            .command
+            .expect("command");
+        // The logs stream closes when the command has ended.
+        let mut logs = sandboxes
+            .get_command_logs(pb::GetCommandLogsRequest {
+                command_id: c.id.clone(),
+                follow: true,
+                ..Default::default()
+            })
+            .await
+            .expect("logs")
+            .into_inner();
+        while logs.next().await.is_some() {}
+        let c = sandboxes
+            .get_command(pb::GetCommandRequest { command_id: c.id })
+            .await
+            .expect("get command")
+            .into_inner();
+        assert_eq!(
+            c.status,
+            pb::CommandStatus::Succeeded as i32,
+            "bench command failed: {}",
+            c.failure_message
+        );
+        out.push(Duration::from_micros(
+            ((c.started_at_unix_ms - c.created_at_unix_ms).max(0) as u64) * 1000,
+        ));
+    }
+    out
+}
+
+/// Sandbox figures on one executor: command accepted -> running at light load (one
+/// sandbox) and with `load` sandboxes running commands at once; for docker, also sandbox
+/// create -> running. Returns (light, loaded, create -> running), sorted.
+async fn sandbox_figures(
+    spec: pb::SandboxSpec,
+    executor: &str,
+    samples: usize,
+    load: usize,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+    let server = ServerProcess::start(&[]).await;
+    let capacity = (load + 1).to_string();
+    let _runner = RunnerProcess::start_for(
+        &server.url,
+        &server.registration_token,
+        "bench-sandboxes",
+        &["--executors", executor, "--capacity", &capacity],
+    );
+    let mut sandboxes = pb::sandbox_service_client::SandboxServiceClient::with_interceptor(
+        channel(&server.url).await,
+        Bearer::new(&server.api_token),
+    );
+    let (one, mut created) = running_sandboxes(&mut sandboxes, &spec, 1).await;
+    let mut light = exec_starts(sandboxes.clone(), one[0].clone(), samples).await;
+    let (many, more) = running_sandboxes(&mut sandboxes, &spec, load).await;
+    created.extend(more);
+    let per = (samples / load.max(1)).max(3);
+    let mut tasks = Vec::new();
+    for id in many {
+        tasks.push(tokio::spawn(exec_starts(sandboxes.clone(), id, per)));
+    }
+    let mut loaded = Vec::new();
+    for t in tasks {
+        loaded.extend(t.await.expect("load task"));
+    }
+    light.sort();
+    loaded.sort();
+    created.sort();
+    (light, loaded, created)
+}
+
+/// The engine on its own, same image: a container created and started (p50 of `samples`),
+/// and an exec of `true` in a running container, created and started until it ended.
+async fn bare_docker(samples: usize) -> (Vec<Duration>, Vec<Duration>) {
+    use bollard::{
+        exec::{CreateExecOptions, StartExecResults},
+        query_parameters::{CreateContainerOptions, RemoveContainerOptions},
+    };
+    let image = busybox_image().await;
+    let engine = docker().await;
+    let mut starts = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..samples {
+        let t0 = Instant::now();
+        let c = engine
+            .create_container(
+                None::<CreateContainerOptions>,
+                bollard::models::ContainerCreateBody {
+                    image: Some(image.clone()),
+                    cmd: Some(vec!["sleep".into(), "600".into()]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("create");
+        engine.start_container(&c.id, None).await.expect("start");
+        starts.push(t0.elapsed());
+        ids.push(c.id);
+    }
+    let mut execs = Vec::new();
+    if let Some(id) = ids.first() {
+        for _ in 0..samples.max(10) {
+            let t0 = Instant::now();
+            let exec = engine
+                .create_exec(
+                    id,
+                    CreateExecOptions {
+                        cmd: Some(vec!["true".to_string()]),
+                        attach_stdout: Some(true),
+                        attach_stderr: Some(true),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("create exec");
+            if let StartExecResults::Attached { mut output, .. } =
+                engine.start_exec(&exec.id, None).await.expect("start exec")
+            {
+                while output.next().await.is_some() {}
+            }
+            execs.push(t0.elapsed());
+        }
+    }
+    for id in ids {
+        let _ = engine
+            .remove_container(
+                &id,
+                Some(RemoveContainerOptions {
+                    force: true,
+                    ..Default::default()
+                }),
+            )
+            .await;
+    }
+    starts.sort();
+    execs.sort();
+    (starts, execs)
+}
+
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1228,6 +1449,98 @@ async fn main() {
             "ms",
             "<= 50 ms",
         );
+    }
+
+    if !args.no_sandboxes {
+        let samples = if quick { 10 } else { 200 };
+        let load = if quick { 5 } else { 100 };
+        progress(&format!(
+            "process sandboxes: {samples} commands, then {load} sandboxes at once"
+        ));
+        let (light, loaded, _) =
+            sandbox_figures(pb::SandboxSpec::default(), "process", samples, load).await;
+        report.add(
+            "sandbox",
+            "process: command accepted -> running p50",
+            pct(&light, 50.0),
+            "ms",
+            "<= 5 ms",
+        );
+        report.add(
+            "sandbox",
+            "process: command accepted -> running p99",
+            pct(&light, 99.0),
+            "ms",
+            "",
+        );
+        report.add(
+            "sandbox",
+            format!("process, {load} busy: accepted -> running p50"),
+            pct(&loaded, 50.0),
+            "ms",
+            "",
+        );
+        report.add(
+            "sandbox",
+            format!("process, {load} busy: accepted -> running p99"),
+            pct(&loaded, 99.0),
+            "ms",
+            "",
+        );
+        if !args.no_docker {
+            let docker_samples = if quick { 5 } else { 50 };
+            let docker_load = if quick { 3 } else { 20 };
+            progress(&format!(
+                "docker sandboxes: {docker_samples} commands, then {docker_load} sandboxes at once"
+            ));
+            let (bare_start, bare_exec) = bare_docker(if quick { 3 } else { 15 }).await;
+            let spec = pb::SandboxSpec {
+                executor: pb::ExecutorKind::Docker as i32,
+                image: busybox_image().await,
+                pull_policy: pb::PullPolicy::Never as i32,
+                ..Default::default()
+            };
+            let (light, loaded, created) =
+                sandbox_figures(spec, "docker", docker_samples, docker_load).await;
+            let exec_ref = pct(&bare_exec, 50.0);
+            report.add_vs(
+                "sandbox",
+                "docker: command accepted -> running p50",
+                pct(&light, 50.0),
+                "ms",
+                ("bare docker exec (create+start+end) p50", exec_ref),
+                "<= bare + 30 ms",
+            );
+            report.add(
+                "sandbox",
+                "docker: command accepted -> running p99",
+                pct(&light, 99.0),
+                "ms",
+                "",
+            );
+            report.add(
+                "sandbox",
+                format!("docker, {docker_load} busy: accepted -> running p50"),
+                pct(&loaded, 50.0),
+                "ms",
+                "",
+            );
+            report.add(
+                "sandbox",
+                format!("docker, {docker_load} busy: accepted -> running p99"),
+                pct(&loaded, 99.0),
+                "ms",
+                "",
+            );
+            report.add_vs(
+                "sandbox",
+                "docker: sandbox create -> running p50",
+                pct(&created, 50.0),
+                "ms",
+                ("bare bollard create+start p50", pct(&bare_start, 50.0)),
+                "",
+            );
+        }
     }
 
     if args.json {
