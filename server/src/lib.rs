@@ -53,6 +53,8 @@ pub struct App {
     pub ingester: reports::Ingester,
     /// The group-committing job submitter.
     pub submitter: jobs::submit::Submitter,
+    /// The group-committing intake of sandbox commands.
+    pub commands: sandboxes::Intake,
     /// The group-committing claimer (dispatch for every runner).
     pub claimer: dispatch::Claimer,
     /// The group-committing heartbeat writer.
@@ -196,6 +198,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ingester, ingest_rx) = reports::Ingester::channel(1024);
     let (submitter, submit_rx) = jobs::submit::Submitter::channel(4096);
+    let (commands, command_rx) = sandboxes::Intake::channel(4096);
     let (claimer, claim_rx) = dispatch::Claimer::channel(4096);
     let (heartbeats, beat_rx) = runners::heartbeats::Heartbeats::channel(4096);
     let (openings, open_rx) = runners::sessions::Openings::channel(4096);
@@ -216,6 +219,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         config: Arc::new(config.clone()),
         ingester,
         submitter,
+        commands,
         claimer,
         heartbeats,
         openings,
@@ -223,6 +227,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
     };
     reports::start(env.clone(), ingest_rx);
     jobs::submit::start(env.clone(), submit_rx);
+    sandboxes::start(env.clone(), command_rx);
     dispatch::start_claimer(env.clone(), config.max_message_bytes as usize, claim_rx);
     runners::heartbeats::start(env.clone(), beat_rx);
     runners::sessions::start(env.clone(), open_rx);

@@ -432,7 +432,7 @@ pub async fn wait_for_status(
 
 /// All stored output of a job's latest attempt, per stream.
 pub async fn logs(jobs: &mut JobServiceClient<Authed>, id: &str) -> (Vec<u8>, Vec<u8>) {
-    let mut stream = jobs
+    let stream = jobs
         .get_logs(pb::GetLogsRequest {
             job_id: id.into(),
             ..Default::default()
@@ -440,6 +440,11 @@ pub async fn logs(jobs: &mut JobServiceClient<Authed>, id: &str) -> (Vec<u8>, Ve
         .await
         .expect("get logs")
         .into_inner();
+    stdout_and_stderr(stream).await
+}
+
+/// Every chunk of a log stream, per output stream, checked contiguous.
+async fn stdout_and_stderr(mut stream: tonic::Streaming<pb::LogChunk>) -> (Vec<u8>, Vec<u8>) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.expect("log chunk");
@@ -885,7 +890,7 @@ pub fn lifecycle(events: &[pb::JobEvent]) -> Vec<pb::SandboxStatus> {
 
 /// All stored output of a command, per stream.
 pub async fn command_logs(sandboxes: &mut Sandboxes, id: &str) -> (Vec<u8>, Vec<u8>) {
-    let mut stream = sandboxes
+    let stream = sandboxes
         .get_command_logs(pb::GetCommandLogsRequest {
             command_id: id.into(),
             ..Default::default()
@@ -893,16 +898,5 @@ pub async fn command_logs(sandboxes: &mut Sandboxes, id: &str) -> (Vec<u8>, Vec<
         .await
         .expect("command logs")
         .into_inner();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.expect("chunk");
-        let target = if chunk.stream == pb::LogStream::Stdout as i32 {
-            &mut out
-        } else {
-            &mut err
-        };
-        assert_eq!(chunk.offset as usize, target.len(), "chunks are contiguous");
-        target.extend_from_slice(&chunk.data);
-    }
-    (out, err)
+    stdout_and_stderr(stream).await
 }

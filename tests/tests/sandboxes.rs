@@ -17,6 +17,7 @@ on_both_databases!(
     a_unary_runner_gets_commands_by_polling,
     bad_input_is_refused_naming_the_field_and_changes_nothing,
     a_lock_key_held_by_a_sandbox_blocks_a_job_until_the_sandbox_is_deleted,
+    commands_accepted_at_once_are_numbered_in_order_and_one_refusal_refuses_no_other,
 );
 
 /// A process sandbox with these settings.
@@ -863,5 +864,89 @@ async fn a_lock_key_held_by_a_sandbox_blocks_a_job_until_the_sandbox_is_deleted(
         }
     })
     .await;
+    server.stop().await;
+}
+
+async fn commands_accepted_at_once_are_numbered_in_order_and_one_refusal_refuses_no_other(db: Db) {
+    let server = TestServer::start(db).await;
+    let mut sandboxes = server.sandboxes().await;
+    let open = create_sandbox(&mut sandboxes, process_sandbox()).await;
+    let gone = create_sandbox(&mut sandboxes, process_sandbox()).await;
+    sandboxes
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: gone.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("delete");
+    // Forty calls at once (they share transactions), one of them to the deleted sandbox and
+    // one repeating an idempotency key.
+    let mut calls = Vec::new();
+    for i in 0..40 {
+        let mut client = sandboxes.clone();
+        let target = if i == 17 {
+            gone.id.clone()
+        } else {
+            open.id.clone()
+        };
+        let key = if i == 30 || i == 31 {
+            "same".to_string()
+        } else {
+            String::new()
+        };
+        calls.push(tokio::spawn(async move {
+            client
+                .run_command(pb::RunCommandRequest {
+                    sandbox_id: target,
+                    command: Some(pb::CommandSpec {
+                        argv: vec![format!("c{i}")],
+                        idempotency_key: key,
+                        ..Default::default()
+                    }),
+                })
+                .await
+        }));
+    }
+    let mut accepted = Vec::new();
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.expect("task") {
+            Ok(r) => accepted.push(r.into_inner()),
+            Err(e) => {
+                assert_eq!(i, 17, "only the deleted sandbox's command is refused: {e}");
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+            }
+        }
+    }
+    assert_eq!(accepted.len(), 39);
+    let deduplicated: Vec<&pb::RunCommandResponse> =
+        accepted.iter().filter(|r| r.deduplicated).collect();
+    assert_eq!(
+        deduplicated.len(),
+        1,
+        "the repeated key returns the first command"
+    );
+    let mut numbers: Vec<u32> = accepted
+        .iter()
+        .filter(|r| !r.deduplicated)
+        .filter_map(|r| r.command.as_ref().map(|c| c.number))
+        .collect();
+    numbers.sort();
+    assert_eq!(numbers, (1..=38).collect::<Vec<u32>>());
+    let listed = sandboxes
+        .list_commands(pb::ListCommandsRequest {
+            sandbox_id: open.id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let in_order: Vec<u32> = listed.commands.iter().map(|c| c.number).collect();
+    assert_eq!(
+        in_order,
+        (1..=38).collect::<Vec<u32>>(),
+        "listed in the order accepted"
+    );
+    assert_eq!(get_sandbox(&mut sandboxes, &gone.id).await.command_count, 0);
     server.stop().await;
 }

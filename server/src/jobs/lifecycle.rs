@@ -360,6 +360,32 @@ impl<'t> Lifecycle<'t> {
             .ok_or_else(|| Error::NotFound(format!("job {id}")))
     }
 
+    /// Loads job `id` for a change (a cancel, a delete), with its current attempt, in the one
+    /// lock order every writer keeps (the attempt, then the job): the attempt is found with a
+    /// plain read first. Locking the job first would deadlock against the ingester storing
+    /// that attempt's reports. `None` when no job has that id.
+    pub async fn load_for_change(&mut self, id: Uuid) -> Result<Option<JobView>> {
+        let current: Option<Option<Uuid>> = job::Entity::find_by_id(id)
+            .select_only()
+            .column(job::Column::CurrentLease)
+            .into_tuple()
+            .one(self.txn)
+            .await?;
+        let Some(current) = current else {
+            return Ok(None);
+        };
+        if let Some(lease) = current {
+            self.load_attempts([lease]).await?;
+        }
+        self.load_jobs([id]).await?;
+        let view = self.job_view(&id)?;
+        if let Some(lease) = view.current_lease.filter(|l| Some(*l) != current) {
+            // Assigned again between the read and the lock (rare): that attempt too.
+            self.load_attempts([lease]).await?;
+        }
+        Ok(Some(view))
+    }
+
     /// Decides and applies the end of the loaded attempt of `lease`.
     pub fn end_attempt(&mut self, lease: Uuid, end: AttemptEnd) -> Result<()> {
         let attempt = self

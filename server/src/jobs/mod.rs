@@ -165,27 +165,11 @@ pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
     check_text("reason", reason, 1024)?;
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    // Rows are locked in the one order every writer keeps (attempt, then job, then runner):
-    // the job's attempt is found with a plain read and locked first. Locking the job first
-    // would deadlock against the ingester storing that attempt's reports.
-    let current: Option<Option<Uuid>> = job::Entity::find_by_id(id)
-        .select_only()
-        .column(job::Column::CurrentLease)
-        .into_tuple()
-        .one(lc.txn())
-        .await?;
-    let current = current.ok_or_else(|| Error::NotFound(format!("job {id}")))?;
-    if let Some(lease) = current {
-        lc.load_attempts([lease]).await?;
-    }
-    let view = lc.require_job(id).await?;
-    if view.kind != state::Kind::Job {
-        return Err(Error::NotFound(format!("job {id}")));
-    }
-    if let Some(lease) = view.current_lease.filter(|l| Some(*l) != current) {
-        // Assigned again between the read and the lock (rare): that attempt too.
-        lc.load_attempts([lease]).await?;
-    }
+    let view = lc
+        .load_for_change(id)
+        .await?
+        .filter(|v| v.kind == state::Kind::Job)
+        .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     let decision = state::cancel(&view, reason, lc.now, env.rules.lease_ms)?;
     lc.apply(decision)?;
     let signals = lc.flush().await?;

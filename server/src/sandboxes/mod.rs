@@ -21,10 +21,11 @@ use sea_orm::{ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOr
 use uuid::Uuid;
 
 use crate::{
+    batch::{GroupCommit, Queue},
     error::{Error, Result, check_text},
     jobs::{
         self,
-        lifecycle::{Env, new_job},
+        lifecycle::{Env, Lifecycle, new_job},
         spec,
         state::{self as job_state, Kind, status_of},
     },
@@ -427,25 +428,11 @@ pub async fn delete(env: &Env, id: Uuid, reason: &str) -> Result<pb::Sandbox> {
     check_text("reason", reason, 1024)?;
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    // The one lock order: the attempt, then the job.
-    let current: Option<(i32, Option<Uuid>)> = job::Entity::find_by_id(id)
-        .select_only()
-        .column(job::Column::Kind)
-        .column(job::Column::CurrentLease)
-        .into_tuple()
-        .one(lc.txn())
-        .await?;
-    let current = current
-        .filter(|(kind, _)| Kind::of(*kind) == Kind::Sandbox)
-        .ok_or_else(|| Error::NotFound(format!("sandbox {id}")))?
-        .1;
-    if let Some(lease) = current {
-        lc.load_attempts([lease]).await?;
-    }
-    let view = lc.require_job(id).await?;
-    if let Some(lease) = view.current_lease.filter(|l| Some(*l) != current) {
-        lc.load_attempts([lease]).await?;
-    }
+    let view = lc
+        .load_for_change(id)
+        .await?
+        .filter(|v| v.kind == Kind::Sandbox)
+        .ok_or_else(|| Error::NotFound(format!("sandbox {id}")))?;
     if job_state::is_terminal(view.status) {
         drop(lc);
         wtx.txn.rollback().await?;
@@ -468,40 +455,141 @@ pub async fn delete(env: &Env, id: Uuid, reason: &str) -> Result<pb::Sandbox> {
     get(env.store.db(), id).await
 }
 
-/// Accepts a command for a sandbox that has not ended.
-pub async fn run_command(env: &Env, req: pb::RunCommandRequest) -> Result<pb::RunCommandResponse> {
+/// Handle to the command intake: accepted commands are group-committed (see
+/// [`crate::batch`]): the RunCommand calls waiting at a moment share one transaction.
+pub type Intake = GroupCommit<(Uuid, pb::CommandSpec), (Uuid, bool)>;
+
+/// Commands accepted by one transaction at most.
+const MAX_ACCEPTED_AT_ONCE: usize = 256;
+
+/// Starts the command intake on `queue`. A group that fails as a whole (another replica
+/// stored the same idempotency key in between, say) is accepted again one at a time, so one
+/// bad request never fails the others.
+pub fn start(env: Env, queue: Queue<(Uuid, pb::CommandSpec), (Uuid, bool)>) {
+    GroupCommit::spawn(
+        queue,
+        "accept commands",
+        MAX_ACCEPTED_AT_ONCE,
+        1,
+        move |group| {
+            let env = env.clone();
+            async move {
+                match accept(&env, &group).await {
+                    Ok(answers) => Ok(answers),
+                    Err(e) => {
+                        tracing::debug!(error = %e, size = group.len(), "command group failed; one at a time");
+                        let mut answers = Vec::with_capacity(group.len());
+                        for one in group {
+                            answers.push(match accept(&env, std::slice::from_ref(&one)).await {
+                                Ok(mut a) => a
+                                    .pop()
+                                    .unwrap_or_else(|| Err(Error::Internal("no answer".into()))),
+                                Err(e) => Err(e),
+                            });
+                        }
+                        Ok(answers)
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Accepts a command for a sandbox that has not ended (see RunCommand in the proto).
+pub async fn run_command(
+    intake: &Intake,
+    db: &DatabaseConnection,
+    req: pb::RunCommandRequest,
+) -> Result<pb::RunCommandResponse> {
     let sandbox_id = jobs::parse_id("sandbox_id", &req.sandbox_id)?;
     let command = validate_command(req.command)?;
-    let key = (!command.idempotency_key.is_empty()).then(|| command.idempotency_key.clone());
+    let (id, deduplicated) = intake.call((sandbox_id, command)).await?;
+    Ok(pb::RunCommandResponse {
+        command: Some(get_command(db, id).await?),
+        deduplicated,
+    })
+}
+
+/// Accepts validated commands in one transaction; answers in order, each on its own: a
+/// command refused (unknown or ended sandbox) changes nothing and refuses no other.
+async fn accept(env: &Env, group: &[(Uuid, pb::CommandSpec)]) -> Result<Vec<Result<(Uuid, bool)>>> {
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    let kind: Option<i32> = job::Entity::find_by_id(sandbox_id)
+    let ids: Vec<Uuid> = group
+        .iter()
+        .map(|(id, _)| *id)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let sandboxes: std::collections::HashSet<Uuid> = job::Entity::find()
         .select_only()
-        .column(job::Column::Kind)
-        .into_tuple()
-        .one(lc.txn())
-        .await?;
-    if kind.map(Kind::of) != Some(Kind::Sandbox) {
-        return Err(Error::NotFound(format!("sandbox {sandbox_id}")));
-    }
-    let view = lc.require_job(sandbox_id).await?;
-    if let Some(key) = &key
-        && let Some(id) = sandbox_command::Entity::find()
-            .filter(sandbox_command::Column::SandboxId.eq(sandbox_id))
-            .filter(sandbox_command::Column::IdempotencyKey.eq(key.clone()))
+        .column(job::Column::Id)
+        .filter(job::Column::Id.is_in(ids.clone()))
+        .filter(job::Column::Kind.eq(Kind::Sandbox.as_i32()))
+        .into_tuple::<Uuid>()
+        .all(lc.txn())
+        .await?
+        .into_iter()
+        .collect();
+    lc.load_jobs(sandboxes.iter().copied()).await?;
+    // Keys these sandboxes already accepted.
+    let keys: Vec<String> = group
+        .iter()
+        .filter(|(_, c)| !c.idempotency_key.is_empty())
+        .map(|(_, c)| c.idempotency_key.clone())
+        .collect();
+    let mut seen: HashMap<(Uuid, String), Uuid> = HashMap::new();
+    if !keys.is_empty() {
+        let stored: Vec<(Uuid, Uuid, Option<String>)> = sandbox_command::Entity::find()
             .select_only()
             .column(sandbox_command::Column::Id)
-            .into_tuple::<Uuid>()
-            .one(lc.txn())
-            .await?
-    {
-        drop(lc);
-        wtx.txn.rollback().await?;
-        return Ok(pb::RunCommandResponse {
-            command: Some(get_command(env.store.db(), id).await?),
-            deduplicated: true,
-        });
+            .column(sandbox_command::Column::SandboxId)
+            .column(sandbox_command::Column::IdempotencyKey)
+            .filter(sandbox_command::Column::SandboxId.is_in(ids))
+            .filter(sandbox_command::Column::IdempotencyKey.is_in(keys))
+            .into_tuple()
+            .all(lc.txn())
+            .await?;
+        for (id, sandbox, key) in stored {
+            if let Some(key) = key {
+                seen.insert((sandbox, key), id);
+            }
+        }
     }
+    let mut answers = Vec::with_capacity(group.len());
+    for (sandbox_id, command) in group {
+        answers.push(accept_one(
+            &mut lc,
+            &mut seen,
+            &sandboxes,
+            *sandbox_id,
+            command,
+        ));
+    }
+    let signals = lc.flush().await?;
+    env.commit(wtx, signals).await?;
+    Ok(answers)
+}
+
+/// Accepts one command into the unit of work, or refuses it without changing anything.
+fn accept_one(
+    lc: &mut Lifecycle<'_>,
+    seen: &mut HashMap<(Uuid, String), Uuid>,
+    sandboxes: &std::collections::HashSet<Uuid>,
+    sandbox_id: Uuid,
+    command: &pb::CommandSpec,
+) -> Result<(Uuid, bool)> {
+    if !sandboxes.contains(&sandbox_id) {
+        return Err(Error::NotFound(format!("sandbox {sandbox_id}")));
+    }
+    let key = (!command.idempotency_key.is_empty()).then(|| command.idempotency_key.clone());
+    if let Some(id) = key
+        .as_ref()
+        .and_then(|k| seen.get(&(sandbox_id, k.clone())))
+    {
+        return Ok((*id, true));
+    }
+    let view = lc.job_view(&sandbox_id)?;
     if job_state::is_terminal(view.status) || view.status == pb::JobStatus::Canceling {
         let status = lc
             .sandbox(&sandbox_id)
@@ -548,16 +636,14 @@ pub async fn run_command(env: &Env, req: pb::RunCommandRequest) -> Result<pb::Ru
             id,
             sandbox_id,
             number,
-            stdin: command.stdin,
-            idempotency_key: key,
+            stdin: command.stdin.clone(),
+            idempotency_key: key.clone(),
         },
     );
-    let signals = lc.flush().await?;
-    env.commit(wtx, signals).await?;
-    Ok(pb::RunCommandResponse {
-        command: Some(get_command(env.store.db(), id).await?),
-        deduplicated: false,
-    })
+    if let Some(key) = key {
+        seen.insert((sandbox_id, key), id);
+    }
+    Ok((id, false))
 }
 
 /// One command.
@@ -612,24 +698,11 @@ pub async fn cancel_command(env: &Env, id: Uuid, reason: &str) -> Result<pb::San
     check_text("reason", reason, 1024)?;
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    let current: Option<(i32, Option<Uuid>)> = job::Entity::find_by_id(id)
-        .select_only()
-        .column(job::Column::Kind)
-        .column(job::Column::CurrentLease)
-        .into_tuple()
-        .one(lc.txn())
-        .await?;
-    let current = current
-        .filter(|(kind, _)| Kind::of(*kind) == Kind::Command)
-        .ok_or_else(|| Error::NotFound(format!("command {id}")))?
-        .1;
-    if let Some(lease) = current {
-        lc.load_attempts([lease]).await?;
-    }
-    let view = lc.require_job(id).await?;
-    if let Some(lease) = view.current_lease.filter(|l| Some(*l) != current) {
-        lc.load_attempts([lease]).await?;
-    }
+    let view = lc
+        .load_for_change(id)
+        .await?
+        .filter(|v| v.kind == Kind::Command)
+        .ok_or_else(|| Error::NotFound(format!("command {id}")))?;
     let decision =
         job_state::cancel(&view, reason, lc.now, env.rules.lease_ms).map_err(|e| match e {
             Error::FailedPrecondition(_) => Error::FailedPrecondition(format!(
@@ -695,16 +768,9 @@ pub async fn reap_idle(env: &Env, now: i64) -> Result<()> {
 async fn delete_idle(env: &Env, id: Uuid, now: i64) -> Result<()> {
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
-    let lease: Option<Option<Uuid>> = job::Entity::find_by_id(id)
-        .select_only()
-        .column(job::Column::CurrentLease)
-        .into_tuple()
-        .one(lc.txn())
-        .await?;
-    if let Some(lease) = lease.flatten() {
-        lc.load_attempts([lease]).await?;
-    }
-    let view = lc.require_job(id).await?;
+    let Some(view) = lc.load_for_change(id).await? else {
+        return Ok(());
+    };
     let open: Option<Uuid> = job::Entity::find()
         .select_only()
         .column(job::Column::Id)

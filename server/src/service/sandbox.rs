@@ -94,8 +94,9 @@ impl pb::sandbox_service_server::SandboxService for SandboxApi {
         request: Request<pb::RunCommandRequest>,
     ) -> Result<Response<pb::RunCommandResponse>, Status> {
         self.authenticate(&request).await?;
+        let app = &self.0;
         Ok(Response::new(
-            sandboxes::run_command(&self.0.env, request.into_inner()).await?,
+            sandboxes::run_command(&app.commands, app.env.store.db(), request.into_inner()).await?,
         ))
     }
 

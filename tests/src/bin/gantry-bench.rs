@@ -66,6 +66,9 @@ struct Args {
     /// Skip the sandbox scenario.
     #[arg(long)]
     no_sandboxes: bool,
+    /// Run the sandbox scenario only.
+    #[arg(long, conflicts_with = "no_sandboxes")]
+    sandboxes_only: bool,
     /// How the server's SQLite commits: `full` (the server's default: every acknowledged
     /// commit survives a power loss) or `normal`. The raw SQLite reference commits the same way.
     #[arg(long, value_parser = ["full", "normal"], default_value = "full")]
@@ -146,6 +149,20 @@ impl Report {
                 reference,
                 f.target
             );
+        }
+    }
+
+    /// Prints the report as the arguments ask.
+    fn finish(&self, args: &Args) {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&self.json(machine())).unwrap_or_default()
+            );
+        } else {
+            println!();
+            println!("machine: {}", machine());
+            self.print();
         }
     }
 
@@ -1097,14 +1114,15 @@ async fn exec_starts(mut sandboxes: SandboxClient, id: String, samples: usize) -
     out
 }
 
-/// Sandbox figures on one executor: command accepted -> running at light load (one
-/// sandbox) and with `load` sandboxes running commands at once; for docker, also sandbox
-/// create -> running. Returns (light, loaded, create -> running), sorted.
+/// Sandbox figures on one executor: sandbox create -> running (`creates` times, one at a
+/// time), command accepted -> running at light load (one sandbox) and with `load`
+/// sandboxes running commands at once. Returns (light, loaded, create -> running), sorted.
 async fn sandbox_figures(
     spec: pb::SandboxSpec,
     executor: &str,
     samples: usize,
     load: usize,
+    creates: usize,
 ) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
     let server = ServerProcess::start(&[]).await;
     let capacity = (load + 1).to_string();
@@ -1118,10 +1136,25 @@ async fn sandbox_figures(
         channel(&server.url).await,
         Bearer::new(&server.api_token),
     );
-    let (one, mut created) = running_sandboxes(&mut sandboxes, &spec, 1).await;
+    // Create -> running, one sandbox at a time (each deleted before the next), so that it
+    // compares with the engine's own create + start of one container.
+    let mut created = Vec::new();
+    for _ in 0..creates {
+        let (ids, took) = running_sandboxes(&mut sandboxes, &spec, 1).await;
+        created.extend(took);
+        for id in ids {
+            sandboxes
+                .delete_sandbox(pb::DeleteSandboxRequest {
+                    sandbox_id: id,
+                    reason: String::new(),
+                })
+                .await
+                .expect("delete sandbox");
+        }
+    }
+    let (one, _) = running_sandboxes(&mut sandboxes, &spec, 1).await;
     let mut light = exec_starts(sandboxes.clone(), one[0].clone(), samples).await;
-    let (many, more) = running_sandboxes(&mut sandboxes, &spec, load).await;
-    created.extend(more);
+    let (many, _) = running_sandboxes(&mut sandboxes, &spec, load).await;
     let per = (samples / load.max(1)).max(3);
     let mut tasks = Vec::new();
     for id in many {
@@ -1205,6 +1238,106 @@ async fn bare_docker(samples: usize) -> (Vec<Duration>, Vec<Duration>) {
     (starts, execs)
 }
 
+/// The sandbox figures (see BENCHMARKS.md).
+async fn sandbox_scenario(args: &Args, report: &mut Report, progress: &impl Fn(&str)) {
+    let quick = args.quick;
+    let samples = if quick { 10 } else { 200 };
+    let load = if quick { 5 } else { 100 };
+    progress(&format!(
+        "process sandboxes: {samples} commands, then {load} sandboxes at once"
+    ));
+    let (light, loaded, _) =
+        sandbox_figures(pb::SandboxSpec::default(), "process", samples, load, 1).await;
+    report.add(
+        "sandbox",
+        "process: command accepted -> running p50",
+        pct(&light, 50.0),
+        "ms",
+        "<= 5 ms",
+    );
+    report.add(
+        "sandbox",
+        "process: command accepted -> running p99",
+        pct(&light, 99.0),
+        "ms",
+        "",
+    );
+    report.add(
+        "sandbox",
+        format!("process, {load} busy: accepted -> running p50"),
+        pct(&loaded, 50.0),
+        "ms",
+        "",
+    );
+    report.add(
+        "sandbox",
+        format!("process, {load} busy: accepted -> running p99"),
+        pct(&loaded, 99.0),
+        "ms",
+        "",
+    );
+    if !args.no_docker {
+        let docker_samples = if quick { 5 } else { 50 };
+        let docker_load = if quick { 3 } else { 20 };
+        progress(&format!(
+            "docker sandboxes: {docker_samples} commands, then {docker_load} sandboxes at once"
+        ));
+        let (bare_start, bare_exec) = bare_docker(if quick { 3 } else { 15 }).await;
+        let spec = pb::SandboxSpec {
+            executor: pb::ExecutorKind::Docker as i32,
+            image: busybox_image().await,
+            pull_policy: pb::PullPolicy::Never as i32,
+            ..Default::default()
+        };
+        let (light, loaded, created) = sandbox_figures(
+            spec,
+            "docker",
+            docker_samples,
+            docker_load,
+            if quick { 2 } else { 10 },
+        )
+        .await;
+        let exec_ref = pct(&bare_exec, 50.0);
+        report.add_vs(
+            "sandbox",
+            "docker: command accepted -> running p50",
+            pct(&light, 50.0),
+            "ms",
+            ("bare docker exec (create+start+end) p50", exec_ref),
+            "<= bare + 30 ms",
+        );
+        report.add(
+            "sandbox",
+            "docker: command accepted -> running p99",
+            pct(&light, 99.0),
+            "ms",
+            "",
+        );
+        report.add(
+            "sandbox",
+            format!("docker, {docker_load} busy: accepted -> running p50"),
+            pct(&loaded, 50.0),
+            "ms",
+            "",
+        );
+        report.add(
+            "sandbox",
+            format!("docker, {docker_load} busy: accepted -> running p99"),
+            pct(&loaded, 99.0),
+            "ms",
+            "",
+        );
+        report.add_vs(
+            "sandbox",
+            "docker: sandbox create -> running p50",
+            pct(&created, 50.0),
+            "ms",
+            ("bare bollard create+start p50", pct(&bare_start, 50.0)),
+            "",
+        );
+    }
+}
+
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -1246,6 +1379,12 @@ async fn main() {
             eprintln!("… {what}");
         }
     };
+
+    if args.sandboxes_only {
+        sandbox_scenario(&args, &mut report, &progress).await;
+        report.finish(&args);
+        return;
+    }
 
     progress("references: raw tonic unary, raw SQLite commits");
     let sync = ["--sqlite-synchronous", args.sqlite_synchronous.as_str()];
@@ -1452,105 +1591,8 @@ async fn main() {
     }
 
     if !args.no_sandboxes {
-        let samples = if quick { 10 } else { 200 };
-        let load = if quick { 5 } else { 100 };
-        progress(&format!(
-            "process sandboxes: {samples} commands, then {load} sandboxes at once"
-        ));
-        let (light, loaded, _) =
-            sandbox_figures(pb::SandboxSpec::default(), "process", samples, load).await;
-        report.add(
-            "sandbox",
-            "process: command accepted -> running p50",
-            pct(&light, 50.0),
-            "ms",
-            "<= 5 ms",
-        );
-        report.add(
-            "sandbox",
-            "process: command accepted -> running p99",
-            pct(&light, 99.0),
-            "ms",
-            "",
-        );
-        report.add(
-            "sandbox",
-            format!("process, {load} busy: accepted -> running p50"),
-            pct(&loaded, 50.0),
-            "ms",
-            "",
-        );
-        report.add(
-            "sandbox",
-            format!("process, {load} busy: accepted -> running p99"),
-            pct(&loaded, 99.0),
-            "ms",
-            "",
-        );
-        if !args.no_docker {
-            let docker_samples = if quick { 5 } else { 50 };
-            let docker_load = if quick { 3 } else { 20 };
-            progress(&format!(
-                "docker sandboxes: {docker_samples} commands, then {docker_load} sandboxes at once"
-            ));
-            let (bare_start, bare_exec) = bare_docker(if quick { 3 } else { 15 }).await;
-            let spec = pb::SandboxSpec {
-                executor: pb::ExecutorKind::Docker as i32,
-                image: busybox_image().await,
-                pull_policy: pb::PullPolicy::Never as i32,
-                ..Default::default()
-            };
-            let (light, loaded, created) =
-                sandbox_figures(spec, "docker", docker_samples, docker_load).await;
-            let exec_ref = pct(&bare_exec, 50.0);
-            report.add_vs(
-                "sandbox",
-                "docker: command accepted -> running p50",
-                pct(&light, 50.0),
-                "ms",
-                ("bare docker exec (create+start+end) p50", exec_ref),
-                "<= bare + 30 ms",
-            );
-            report.add(
-                "sandbox",
-                "docker: command accepted -> running p99",
-                pct(&light, 99.0),
-                "ms",
-                "",
-            );
-            report.add(
-                "sandbox",
-                format!("docker, {docker_load} busy: accepted -> running p50"),
-                pct(&loaded, 50.0),
-                "ms",
-                "",
-            );
-            report.add(
-                "sandbox",
-                format!("docker, {docker_load} busy: accepted -> running p99"),
-                pct(&loaded, 99.0),
-                "ms",
-                "",
-            );
-            report.add_vs(
-                "sandbox",
-                "docker: sandbox create -> running p50",
-                pct(&created, 50.0),
-                "ms",
-                ("bare bollard create+start p50", pct(&bare_start, 50.0)),
-                "",
-            );
-        }
+        sandbox_scenario(&args, &mut report, &progress).await;
     }
 
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report.json(machine())).unwrap_or_default()
-        );
-    } else {
-        println!();
-        println!("machine: {}", machine());
-        report.print();
-    }
+    report.finish(&args);
 }
