@@ -861,3 +861,84 @@ async fn sandbox_endings_as_the_cli_reports_them() {
     assert!(unknown.stderr.contains("not found"), "{unknown:?}");
     server.stop().await;
 }
+
+/// `gantry sandbox watch` in a real terminal (tmux): the lifecycle as lines, and a live
+/// progress bar for the running command from its `::progress` lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_watch_renders_the_running_commands_progress_bar_in_a_real_terminal() {
+    let (server, _runner) = system().await;
+    let mut sandboxes = server.sandboxes().await;
+    let sandbox = gantry_tests::create_sandbox(&mut sandboxes, pb::SandboxSpec::default()).await;
+    gantry_tests::wait_for_sandbox(&mut sandboxes, &sandbox.id, pb::SandboxStatus::Running).await;
+    let gate = tempfile::tempdir().expect("gate dir");
+    let go = gate.path().join("go");
+    let command = gantry_tests::run_command(
+        &mut sandboxes,
+        &sandbox.id,
+        pb::CommandSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                format!(
+                    "echo '::progress 40 loading data::'; while [ ! -e {} ]; do sleep 0.05; done; echo '::progress 100 done::'",
+                    go.display()
+                ),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    let tmux = Tmux(format!("gantry-test-{}", uuid::Uuid::new_v4().simple()));
+    let shell = format!(
+        "GANTRY_SERVER={} GANTRY_TOKEN={} {} sandbox watch {}; echo EXIT=$?; sleep 600",
+        server.url(),
+        server.api_token,
+        binary("gantry", "GANTRY_CLI_BIN").display(),
+        sandbox.id
+    );
+    tmux.run(&[
+        "new-session",
+        "-d",
+        "-s",
+        "watch",
+        "-x",
+        "120",
+        "-y",
+        "20",
+        &shell,
+    ]);
+    let screen = |tmux: &Tmux| tmux.run(&["capture-pane", "-p", "-t", "watch"]);
+    let mid = eventually("the bar shows 40 % and the stage", || {
+        let s = screen(&tmux);
+        async move { (s.contains(" 40%") && s.contains("loading data")).then_some(s) }
+    })
+    .await;
+    let bar_line = mid
+        .lines()
+        .find(|l| l.contains(" 40%"))
+        .expect("the bar line");
+    assert!(bar_line.contains('[') && bar_line.contains('='), "{mid}");
+    assert!(mid.contains("running"), "the lifecycle is shown: {mid}");
+    std::fs::write(&go, b"").expect("open the gate");
+    gantry_tests::wait_for_command(
+        &mut sandboxes,
+        &sandbox.id,
+        &command.id,
+        pb::CommandStatus::Succeeded,
+    )
+    .await;
+    sandboxes
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: sandbox.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("delete");
+    let end = eventually("watch ends with exit 0", || {
+        let s = screen(&tmux);
+        async move { s.contains("EXIT=0").then_some(s) }
+    })
+    .await;
+    assert!(end.contains("deleted"), "{end}");
+    server.stop().await;
+}
