@@ -36,9 +36,11 @@ use crate::{
     clock::Clock,
     commands,
     error::{Error, Result},
-    jobs::state::{self, AttemptEnd, AttemptView, Decision, JobView, Kind, Retry, status_of},
+    jobs::{
+        sandbox_state as sandbox_rules,
+        state::{self, AttemptEnd, AttemptView, Decision, JobView, Kind, Retry, status_of},
+    },
     locks, logs,
-    sandboxes::state as sandbox_rules,
     signals::{Hub, Signals},
     store::{
         Store, WriteTxn,
@@ -720,18 +722,12 @@ impl<'t> Lifecycle<'t> {
         }
     }
 
-    /// A command's number in its sandbox, from its spec's metadata (see
-    /// [`crate::sandboxes::NUMBER_KEY`]).
+    /// A loaded command's number in its sandbox.
     fn command_number(&self, id: &Uuid) -> u32 {
         self.jobs
             .get(id)
             .and_then(|j| JobSpec::decode(j.spec.as_slice()).ok())
-            .and_then(|s| {
-                s.metadata
-                    .get(crate::sandboxes::NUMBER_KEY)
-                    .and_then(|n| n.parse().ok())
-            })
-            .unwrap_or_default()
+            .map_or(0, |s| sandbox_rules::command_number(&s))
     }
 
     /// The sandbox was active now (its idle timeout counts from here).

@@ -1,9 +1,11 @@
-//! Jobs: the state machine that decides every change ([`state`]), the unit of work that
-//! applies it ([`lifecycle`]), and jobs as users see them — submit with idempotency
+//! Jobs: the state machine that decides every change ([`state`]) and the sandbox rules over
+//! it ([`sandbox_state`]: a sandbox and its commands are jobs), the unit of work that
+//! applies them ([`lifecycle`]), and jobs as users see them — submit with idempotency
 //! ([`submit`]), validation ([`spec`]), read, list, cancel, retry (here), following a job's
 //! events ([`watch`]) and output ([`output`]).
 pub mod lifecycle;
 pub mod output;
+pub mod sandbox_state;
 pub mod spec;
 pub mod state;
 pub mod submit;

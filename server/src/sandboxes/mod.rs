@@ -2,7 +2,7 @@
 //!
 //! A sandbox is a job row of kind SANDBOX: dispatch places it like a job (queue, labels,
 //! executor, one slot, a lease with fencing, its lock key), and the job state machine moves
-//! it; [`state`] reads its job status as the sandbox lifecycle. Each command is a job row of
+//! it; [`crate::jobs::sandbox_state`] reads its job status as the sandbox lifecycle. Each command is a job row of
 //! kind COMMAND whose parent is the sandbox: it is never dispatched, but started by its
 //! sandbox — at flush of the unit of work in which the sandbox started running, accepted it,
 //! or ended its previous command ([`crate::jobs::lifecycle::Lifecycle`]'s follow-up) — under
@@ -11,7 +11,7 @@
 //!
 //! This module holds what users call: create, read, list, delete, run a command, read and
 //! cancel commands, and the idle timeout the reaper enforces.
-pub mod state;
+use crate::jobs::sandbox_state::{self as state, NUMBER_KEY};
 
 use std::collections::HashMap;
 
@@ -32,9 +32,6 @@ use crate::{
     store::entity::{attempt, job, sandbox, sandbox_command},
 };
 
-/// Metadata key of a command's job spec holding its number in the sandbox (internal: a
-/// command's job spec is never shown as such).
-pub const NUMBER_KEY: &str = "gantry/command-number";
 /// Metadata key of a command's job spec holding the length of its stdin.
 const STDIN_KEY: &str = "gantry/stdin-bytes";
 /// Idle timeout of a sandbox that names none, seconds.

@@ -5,6 +5,18 @@
 use gantry_proto::{CommandStatus, FailureKind, JobStatus, SandboxStatus};
 use uuid::Uuid;
 
+/// Metadata key of a command's job spec holding its number in the sandbox (internal: a
+/// command's job spec is never shown as such).
+pub const NUMBER_KEY: &str = "gantry/command-number";
+
+/// A command's number in its sandbox, from its job spec.
+pub fn command_number(spec: &gantry_proto::JobSpec) -> u32 {
+    spec.metadata
+        .get(NUMBER_KEY)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default()
+}
+
 /// A sandbox's lifecycle status from its job's status: PENDING while queued, CREATING then
 /// STARTING (once the runner reported that phase) while assigned, RUNNING, DELETING while a
 /// stop is under way; a success, cancel or timeout (lifetime) is DELETED, a failure FAILED.
