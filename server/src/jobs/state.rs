@@ -795,6 +795,70 @@ mod tests {
     }
 
     #[test]
+    fn a_command_is_never_taken_back_and_never_retried() {
+        let (mut job, mut attempt) = job(JobStatus::Assigned);
+        job.kind = Kind::Command;
+        // A command's row stores one attempt.
+        job.retry = Retry::NONE;
+        attempt.acked_seq = 0;
+        assert!(take_back(&job, &attempt, "undelivered".into()).is_none());
+        let lost = AttemptEnd::Lost {
+            message: "gone".into(),
+        };
+        let d = end(&job, &attempt, lost, 10).expect("end");
+        assert_eq!(d.take_back, None);
+        let m = d.status.expect("a move");
+        assert_eq!(
+            (m.to, m.failure_kind),
+            (JobStatus::Failed, FailureKind::RunnerLost)
+        );
+        // The same attempt of a job is taken back.
+        job.kind = Kind::Job;
+        assert!(take_back(&job, &attempt, "undelivered".into()).is_some());
+    }
+
+    #[test]
+    fn a_sandbox_that_ended_ends_its_commands() {
+        let (queued, _) = job(JobStatus::Queued);
+        let d = abandon(&queued, None, None, "deleted", 5)
+            .expect("decided")
+            .expect("a change");
+        assert_eq!(d.status.map(|m| m.to), Some(JobStatus::Canceled));
+        let d = abandon(&queued, None, Some(FailureKind::RunnerLost), "lost", 5)
+            .expect("decided")
+            .expect("a change");
+        let m = d.status.expect("a move");
+        assert_eq!(
+            (m.to, m.failure_kind),
+            (JobStatus::Failed, FailureKind::RunnerLost)
+        );
+        assert!(allowed(JobStatus::Queued, JobStatus::Failed));
+        let (mut running, attempt) = job(JobStatus::Running);
+        running.retry = Retry::NONE;
+        let d = abandon(
+            &running,
+            Some(&attempt),
+            Some(FailureKind::RunnerLost),
+            "lost",
+            5,
+        )
+        .expect("decided")
+        .expect("a change");
+        assert_eq!(d.end.map(|e| e.lease), Some(attempt.lease));
+        assert_eq!(d.status.map(|m| m.to), Some(JobStatus::Failed));
+        let d = abandon(&running, Some(&attempt), None, "deleted", 5)
+            .expect("decided")
+            .expect("a change");
+        assert_eq!(d.status.map(|m| m.to), Some(JobStatus::Canceled));
+        assert!(
+            abandon(&running, None, None, "x", 5).is_err(),
+            "an attempt is needed"
+        );
+        let (done, _) = job(JobStatus::Succeeded);
+        assert_eq!(abandon(&done, None, None, "x", 5).expect("decided"), None);
+    }
+
+    #[test]
     fn terminal_statuses_go_nowhere() {
         use JobStatus::*;
         let all = [
