@@ -751,6 +751,25 @@ async fn sandbox_and_exec_as_a_user_types_them() {
         .expect("exec ends after Ctrl-C")
         .expect("wait");
     assert_eq!(status.code(), Some(130));
+    let got = run(vec![
+        "sandbox".into(),
+        "get".into(),
+        sandbox.clone(),
+        "-o".into(),
+        "json".into(),
+    ])
+    .await;
+    assert_eq!(got.code, 0, "{got:?}");
+    let details: serde_json::Value = serde_json::from_str(&got.stdout).expect("json");
+    let commands = details["commands"].as_array().expect("its commands");
+    assert_eq!(commands.len(), 5, "{details}");
+    assert_eq!(commands[0]["exit_code"], 3, "{details}");
+    let text = run(vec!["sandbox".into(), "get".into(), sandbox.clone()]).await;
+    assert_eq!(text.code, 0, "{text:?}");
+    assert!(
+        text.stdout.contains(&command),
+        "the commands are listed: {text:?}"
+    );
     let listed = run(vec![
         "sandbox".into(),
         "ls".into(),

@@ -572,6 +572,21 @@ async fn a_unary_runner_gets_commands_by_polling(db: Db) {
     assert_eq!((a.job_id.as_str(), a.sandbox), (sandbox.id.as_str(), true));
     runner.report(&a, running("/ws")).await.expect("running");
     let _alive = runner.keep_alive(&[&a]);
+    // The sandbox holds the runner's one slot: a job waits ...
+    let mut jobs = server.jobs().await;
+    let job = submit(&mut jobs, sh("true")).await;
+    let got = runner
+        .client
+        .claim(pb::ClaimRequest {
+            max_jobs: 1,
+            wait_seconds: 1,
+        })
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(got.assignments.is_empty(), "{got:?}");
+    assert_eq!(get(&mut jobs, &job).await.status, JobStatus::Queued as i32);
+    // ... while its commands take no slot of their own.
     let c1 = run_in(&mut sandboxes, &a.job_id, &["echo", "hi"]).await;
     let polled = runner
         .client
@@ -948,5 +963,28 @@ async fn commands_accepted_at_once_are_numbered_in_order_and_one_refusal_refuses
         "listed in the order accepted"
     );
     assert_eq!(get_sandbox(&mut sandboxes, &gone.id).await.command_count, 0);
+    // Sandboxes newest first, a page at a time.
+    let first = sandboxes
+        .list_sandboxes(pb::ListSandboxesRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = first.sandboxes.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [gone.id.as_str()]);
+    let second = sandboxes
+        .list_sandboxes(pb::ListSandboxesRequest {
+            page_size: 1,
+            page_token: first.next_page_token.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<&str> = second.sandboxes.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, [open.id.as_str()]);
+    assert!(second.next_page_token.is_empty());
     server.stop().await;
 }
