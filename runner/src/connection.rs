@@ -78,13 +78,19 @@ pub type Client = pb::runner_service_client::RunnerServiceClient<
     tonic::service::interceptor::InterceptedService<Channel, Bearer>,
 >;
 
+/// Largest message the runner decodes: the most a server can be configured to send
+/// (`--max-message-bytes` is at most 64 MiB), not tonic's 4 MiB default, so that a server
+/// with a larger limit never sends a command this runner cannot read.
+const MAX_DECODING_MESSAGE_BYTES: usize = 64 << 20;
+
 /// A client on `channel` that authenticates with `token`.
 pub fn client(channel: &Channel, token: &str) -> anyhow::Result<Client> {
     Ok(
         pb::runner_service_client::RunnerServiceClient::with_interceptor(
             channel.clone(),
             Bearer(bearer(token)?),
-        ),
+        )
+        .max_decoding_message_size(MAX_DECODING_MESSAGE_BYTES),
     )
 }
 

@@ -211,6 +211,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
             max_log_bytes_per_job: config.max_log_bytes_per_job,
             max_events_per_job: config.max_events_per_job,
             max_log_data_bytes: max_log_data_bytes(&config) as usize,
+            max_message_bytes: config.max_message_bytes as usize,
         },
     };
     let app = App {

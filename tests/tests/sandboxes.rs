@@ -547,6 +547,19 @@ async fn idle_timeout_and_one_shot_delete_the_sandbox(db: Db) {
     let c1 = run_in(&mut sandboxes, &a.job_id, &["only"]).await;
     let e1 = next_exec(&mut session).await;
     assert_eq!(e1.command_id, c1.id);
+    // A queued command canceled is no turn taken: the sandbox stays.
+    let c2 = run_in(&mut sandboxes, &a.job_id, &["second"]).await;
+    sandboxes
+        .cancel_sandbox_command(pb::CancelSandboxCommandRequest {
+            command_id: c2.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("cancel queued");
+    assert_eq!(
+        get_sandbox(&mut sandboxes, &a.job_id).await.status,
+        SandboxStatus::Running as i32
+    );
     finish(&runner, &mut session, &e1, b"", 0).await;
     let cancel = next_cancel(&mut session).await;
     assert_eq!(cancel.lease_id, a.lease_id);
@@ -786,16 +799,61 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(db: Db) {
         .await
         .expect_err("unknown");
     assert_eq!(err.code(), Code::NotFound);
+    // A command that, with the sandbox's environment, would not fit in one message to the
+    // runner: refused naming `command`.
+    let big_env: std::collections::HashMap<String, String> = (0..24)
+        .map(|i| (format!("BIG{i}"), "e".repeat(128 * 1024)))
+        .collect();
+    let heavy = create_sandbox(
+        &mut sandboxes,
+        pb::SandboxSpec {
+            env: big_env,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (code, message) = code_of(
+        sandboxes
+            .run_command(run(
+                &heavy.id,
+                pb::CommandSpec {
+                    stdin: vec![1; 1 << 20],
+                    ..argv(&["cat"])
+                },
+            ))
+            .await,
+    );
+    assert_eq!(code, Code::InvalidArgument, "{message}");
+    assert!(message.contains("command"), "{message}");
+    assert_eq!(
+        get_sandbox(&mut sandboxes, &heavy.id).await.command_count,
+        0
+    );
+    sandboxes
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: heavy.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("delete");
     // Nothing was accepted.
     let after = get_sandbox(&mut sandboxes, &sandbox.id).await;
     assert_eq!(after.command_count, 0);
     assert_eq!(after.last_event_sequence, sandbox.last_event_sequence);
     let listed = sandboxes
-        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .list_sandboxes(pb::ListSandboxesRequest {
+            statuses: vec![SandboxStatus::Pending as i32],
+            ..Default::default()
+        })
         .await
         .expect("list")
         .into_inner();
-    assert_eq!(listed.sandboxes.len(), 1);
+    let ids: Vec<&str> = listed.sandboxes.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [sandbox.id.as_str()],
+        "no sandbox was created by a refusal"
+    );
     // A command to a deleted sandbox.
     sandboxes
         .delete_sandbox(pb::DeleteSandboxRequest {
@@ -986,5 +1044,35 @@ async fn commands_accepted_at_once_are_numbered_in_order_and_one_refusal_refuses
     let ids: Vec<&str> = second.sandboxes.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, [open.id.as_str()]);
     assert!(second.next_page_token.is_empty());
+    // A command's idempotency key is its sandbox's own: another sandbox, and a job, may use
+    // the same key for something new.
+    let other = create_sandbox(&mut sandboxes, process_sandbox()).await;
+    let fresh = sandboxes
+        .run_command(pb::RunCommandRequest {
+            sandbox_id: other.id.clone(),
+            command: Some(pb::CommandSpec {
+                argv: vec!["x".into()],
+                idempotency_key: "same".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("another sandbox, the same key")
+        .into_inner();
+    assert!(!fresh.deduplicated);
+    let mut jobs = server.jobs().await;
+    let mut spec = sh("true");
+    spec.idempotency_key = "same".into();
+    let job = jobs
+        .submit_job(pb::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect("a job, the same key")
+        .into_inner();
+    assert!(!job.deduplicated);
+    let command = fresh.command.expect("command");
+    assert_eq!(
+        command.spec.map(|s| s.idempotency_key),
+        Some("same".to_string())
+    );
     server.stop().await;
 }

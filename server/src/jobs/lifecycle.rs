@@ -59,6 +59,9 @@ pub struct Rules {
     pub max_events_per_job: u64,
     /// Largest log data of one report.
     pub max_log_data_bytes: usize,
+    /// Largest message the server sends a runner (and the runner decodes): an ExecCommand
+    /// must fit in it.
+    pub max_message_bytes: usize,
 }
 
 impl Rules {
@@ -69,6 +72,7 @@ impl Rules {
             max_log_bytes_per_job: 0,
             max_events_per_job: 0,
             max_log_data_bytes: logs::MAX_LOG_DATA_BYTES,
+            max_message_bytes: 4 << 20,
         }
     }
 }
@@ -300,12 +304,31 @@ impl<'t> Lifecycle<'t> {
 
     /// Loads attempts by lease not yet loaded, with their jobs.
     pub async fn load_attempts(&mut self, leases: impl IntoIterator<Item = Uuid>) -> Result<()> {
-        let missing: Vec<Uuid> = leases
+        let mut missing: Vec<Uuid> = leases
             .into_iter()
             .filter(|id| !self.attempts.contains_key(id))
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
+        if self.postgres && !missing.is_empty() {
+            // A command's attempt comes with its sandbox's: found first with a plain read, so
+            // that both are locked in the one order (by lease, before any job). A sandbox's
+            // follow-up then finds its attempt loaded instead of locking it after its job.
+            for chunk in missing.clone().chunks(INSERT_CHUNK) {
+                let parents: Vec<Option<Uuid>> = attempt::Entity::find()
+                    .select_only()
+                    .column(attempt::Column::ParentLease)
+                    .filter(attempt::Column::LeaseId.is_in(chunk.iter().copied()))
+                    .filter(attempt::Column::ParentLease.is_not_null())
+                    .into_tuple()
+                    .all(self.txn)
+                    .await?;
+                missing.extend(parents.into_iter().flatten());
+            }
+            missing.sort();
+            missing.dedup();
+            missing.retain(|id| !self.attempts.contains_key(id));
+        }
         let mut job_ids = Vec::new();
         for chunk in missing.chunks(INSERT_CHUNK) {
             let mut q = attempt::Entity::find()
@@ -718,7 +741,9 @@ impl<'t> Lifecycle<'t> {
         self.push_event(sandbox, 0, event, false);
         if state::is_terminal(m.to) {
             self.touch(sandbox);
-            *self.advance.entry(sandbox).or_insert(false) = true;
+            // A queued command canceled is no turn taken: a one-shot sandbox waits on.
+            let ran = m.from != JobStatus::Queued;
+            *self.advance.entry(sandbox).or_insert(false) |= ran;
         }
     }
 
@@ -1037,15 +1062,19 @@ impl<'t> Lifecycle<'t> {
             self.load_attempts(open.iter().filter_map(|(_, l)| *l).chain(sandbox_leases))
                 .await?;
             self.load_jobs(open.iter().map(|(id, _)| *id)).await?;
-            let unfinished = |lc: &Self, sandbox: Uuid| -> Vec<(Uuid, JobStatus)> {
-                let mut v: Vec<(Uuid, JobStatus)> = lc
+            let unfinished = |lc: &Self, sandbox: Uuid| -> Vec<sandbox_rules::CommandView> {
+                let mut v: Vec<sandbox_rules::CommandView> = lc
                     .jobs
                     .values()
                     .filter(|j| j.parent_id == Some(sandbox))
-                    .map(|j| (j.id, status_of(j.status)))
-                    .filter(|(_, s)| !state::is_terminal(*s))
+                    .filter(|j| !state::is_terminal(status_of(j.status)))
+                    .map(|j| sandbox_rules::CommandView {
+                        id: j.id,
+                        number: lc.command_number(&j.id),
+                        status: status_of(j.status),
+                    })
                     .collect();
-                v.sort();
+                v.sort_by_key(|c| (c.number, c.id));
                 v
             };
             for sandbox in &ended {
@@ -1060,8 +1089,8 @@ impl<'t> Lifecycle<'t> {
                     Some(_) => format!("the sandbox failed: {}", row.failure_message),
                     None => format!("the sandbox ended: {}", row.failure_message),
                 };
-                for (id, _) in unfinished(self, *sandbox) {
-                    let view = self.job_view(&id)?;
+                for command in unfinished(self, *sandbox) {
+                    let view = self.job_view(&command.id)?;
                     let attempt = view.current_lease.and_then(|l| self.attempt_view(&l));
                     if let Some(d) =
                         state::abandon(&view, attempt.as_ref(), failed, &message, self.now)?
@@ -1081,10 +1110,7 @@ impl<'t> Lifecycle<'t> {
                     continue;
                 }
                 let one_shot = self.sandboxes.get(&sandbox).is_some_and(|s| s.one_shot);
-                let views: Vec<sandbox_rules::CommandView> = unfinished(self, sandbox)
-                    .into_iter()
-                    .map(|(id, status)| sandbox_rules::CommandView { id, status })
-                    .collect();
+                let views = unfinished(self, sandbox);
                 match sandbox_rules::next(one_shot, a_command_ended, &views) {
                     sandbox_rules::Next::Wait => {}
                     sandbox_rules::Next::Delete(message) => {

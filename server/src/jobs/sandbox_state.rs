@@ -77,6 +77,8 @@ pub fn command_status(job: JobStatus) -> CommandStatus {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CommandView {
     pub id: Uuid,
+    /// Its number in the sandbox: the order it was accepted in.
+    pub number: u32,
     pub status: JobStatus,
 }
 
@@ -92,8 +94,8 @@ pub enum Next {
 }
 
 /// Decides what a RUNNING sandbox does next, from its unfinished commands (any order) and
-/// whether a command of it has just ended. Commands run one at a time, oldest first (ids are
-/// UUIDv7, so id order is the order accepted).
+/// whether a command of it that had started has just ended. Commands run one at a time, in
+/// the order accepted (by number: ids come from each replica's clock and may disagree).
 pub fn next(one_shot: bool, a_command_ended: bool, unfinished: &[CommandView]) -> Next {
     if one_shot && a_command_ended {
         return Next::Delete("one-shot: its command ended".to_string());
@@ -104,9 +106,8 @@ pub fn next(one_shot: bool, a_command_ended: bool, unfinished: &[CommandView]) -
     unfinished
         .iter()
         .filter(|c| c.status == JobStatus::Queued)
-        .map(|c| c.id)
-        .min()
-        .map_or(Next::Wait, Next::Start)
+        .min_by_key(|c| (c.number, c.id))
+        .map_or(Next::Wait, |c| Next::Start(c.id))
 }
 
 #[cfg(test)]
@@ -114,8 +115,10 @@ mod tests {
     use super::*;
 
     fn cmd(status: JobStatus) -> CommandView {
+        static NUMBER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
         CommandView {
             id: Uuid::now_v7(),
+            number: NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             status,
         }
     }
@@ -131,6 +134,13 @@ mod tests {
         let stopping = cmd(JobStatus::Canceling);
         assert_eq!(next(false, false, &[stopping, b]), Next::Wait);
         assert_eq!(next(false, true, &[]), Next::Wait);
+        // The number decides, not the id (another replica's clock may have made it smaller).
+        let late = CommandView {
+            id: Uuid::nil(),
+            number: b.number + 1,
+            status: JobStatus::Queued,
+        };
+        assert_eq!(next(false, false, &[late, b]), Next::Start(b.id));
     }
 
     #[test]

@@ -203,6 +203,7 @@ fn to_proto(
 /// A command as the protocol shows it.
 fn command_to_proto(
     model: &job::Model,
+    key: Option<&str>,
     attempt: Option<&attempt::Model>,
 ) -> Result<pb::SandboxCommand> {
     let spec = pb::JobSpec::decode(model.spec.as_slice())?;
@@ -223,7 +224,7 @@ fn command_to_proto(
             working_dir: spec.working_dir.clone(),
             timeout_seconds: spec.timeout_seconds,
             stdin: Vec::new(),
-            idempotency_key: model.idempotency_key.clone().unwrap_or_default(),
+            idempotency_key: key.unwrap_or_default().to_string(),
         }),
         status: state::command_status(status_of(model.status)) as i32,
         exit_code: model.exit_code,
@@ -456,6 +457,10 @@ pub async fn delete(env: &Env, id: Uuid, reason: &str) -> Result<pb::Sandbox> {
 /// [`crate::batch`]): the RunCommand calls waiting at a moment share one transaction.
 pub type Intake = GroupCommit<(Uuid, pb::CommandSpec), (Uuid, bool)>;
 
+/// Bytes of a runner's message besides its ExecCommand (the session frame), counted
+/// generously.
+const EXEC_HEADROOM: usize = 1024;
+
 /// Commands accepted by one transaction at most.
 const MAX_ACCEPTED_AT_ONCE: usize = 256;
 
@@ -528,6 +533,21 @@ async fn accept(env: &Env, group: &[(Uuid, pb::CommandSpec)]) -> Result<Vec<Resu
         .await?
         .into_iter()
         .collect();
+    // The one lock order: the attempts a follow-up may touch (the sandboxes' own and their
+    // running commands'), found with a plain read, then the sandboxes' rows.
+    let leases: Vec<Option<Uuid>> = job::Entity::find()
+        .select_only()
+        .column(job::Column::CurrentLease)
+        .filter(
+            sea_orm::Condition::any()
+                .add(job::Column::Id.is_in(sandboxes.iter().copied()))
+                .add(job::Column::ParentId.is_in(sandboxes.iter().copied())),
+        )
+        .filter(job::Column::FinishedAt.is_null())
+        .into_tuple()
+        .all(lc.txn())
+        .await?;
+    lc.load_attempts(leases.into_iter().flatten()).await?;
     lc.load_jobs(sandboxes.iter().copied()).await?;
     // Keys these sandboxes already accepted.
     let keys: Vec<String> = group
@@ -606,6 +626,40 @@ fn accept_one(
         .map(|j| pb::JobSpec::decode(j.spec.as_slice()))
         .transpose()?
         .unwrap_or_default();
+    // What the runner will get must fit in one message it can decode.
+    let mut env = parent.env.clone();
+    env.extend(command.env.clone());
+    let exec = pb::Command {
+        sequence: u64::MAX,
+        created_at_unix_ms: i64::MAX,
+        kind: Some(pb::command::Kind::Exec(pb::ExecCommand {
+            sandbox_id: sandbox_id.to_string(),
+            sandbox_lease_id: sandbox_id.to_string(),
+            command_id: sandbox_id.to_string(),
+            lease_id: sandbox_id.to_string(),
+            number: u32::MAX,
+            argv: command.argv.clone(),
+            env,
+            working_dir: if command.working_dir.is_empty() {
+                parent.working_dir.clone()
+            } else {
+                command.working_dir.clone()
+            },
+            stdin: command.stdin.clone(),
+            deadline_unix_ms: i64::MAX,
+            grace_seconds: u32::MAX,
+        })),
+    };
+    let limit = lc.rules.max_message_bytes.saturating_sub(EXEC_HEADROOM);
+    if exec.encoded_len() > limit {
+        return Err(Error::invalid(
+            "command",
+            format!(
+                "with the sandbox's environment it makes a {} byte message to the runner, over the {limit} bytes a runner takes (argv, env and stdin together)",
+                exec.encoded_len()
+            ),
+        ));
+    }
     let spec = pb::JobSpec {
         executor: parent.executor,
         queue: parent.queue.clone(),
@@ -625,7 +679,8 @@ fn accept_one(
     model.kind = Kind::Command.as_i32();
     model.parent_id = Some(sandbox_id);
     model.max_attempts = 1;
-    model.idempotency_key = key.clone();
+    // The key is the sandbox's own (sandbox_commands), not a job's: jobs keys are global.
+    model.idempotency_key = None;
     let id = model.id;
     lc.insert_command(
         model,
@@ -646,11 +701,17 @@ fn accept_one(
 /// One command.
 pub async fn get_command(db: &DatabaseConnection, id: Uuid) -> Result<pb::SandboxCommand> {
     let model = row_of(db, id, Kind::Command, "command").await?;
+    let key: Option<Option<String>> = sandbox_command::Entity::find_by_id(id)
+        .select_only()
+        .column(sandbox_command::Column::IdempotencyKey)
+        .into_tuple()
+        .one(db)
+        .await?;
     let attempts = latest_attempts(db, &[id]).await?;
-    command_to_proto(&model, attempts.get(&id))
+    command_to_proto(&model, key.flatten().as_deref(), attempts.get(&id))
 }
 
-/// A sandbox's commands in the order accepted.
+/// A sandbox's commands in the order accepted (by number), a page at a time.
 pub async fn list_commands(
     db: &DatabaseConnection,
     req: pb::ListCommandsRequest,
@@ -662,28 +723,48 @@ pub async fn list_commands(
         _ => return Err(Error::invalid("page_size", "must be within 0..=1000")),
     };
     row_of(db, sandbox_id, Kind::Sandbox, "sandbox").await?;
-    let mut q = job::Entity::find().filter(job::Column::ParentId.eq(sandbox_id));
+    let mut q = sandbox_command::Entity::find()
+        .select_only()
+        .column(sandbox_command::Column::Id)
+        .column(sandbox_command::Column::Number)
+        .column(sandbox_command::Column::IdempotencyKey)
+        .filter(sandbox_command::Column::SandboxId.eq(sandbox_id));
     if !req.page_token.is_empty() {
-        let after = Uuid::try_parse(&req.page_token)
+        let after: i32 = req
+            .page_token
+            .parse()
             .map_err(|_| Error::invalid("page_token", "is not a token this server issued"))?;
-        q = q.filter(job::Column::Id.gt(after));
+        q = q.filter(sandbox_command::Column::Number.gt(after));
     }
-    let mut rows = q
-        .order_by_asc(job::Column::Id)
+    let mut page: Vec<(Uuid, i32, Option<String>)> = q
+        .order_by_asc(sandbox_command::Column::Number)
         .limit(u64::from(page_size) + 1)
+        .into_tuple()
         .all(db)
         .await?;
-    let more = rows.len() > page_size as usize;
-    rows.truncate(page_size as usize);
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let more = page.len() > page_size as usize;
+    page.truncate(page_size as usize);
+    let ids: Vec<Uuid> = page.iter().map(|(id, _, _)| *id).collect();
+    let rows: HashMap<Uuid, job::Model> = job::Entity::find()
+        .filter(job::Column::Id.is_in(ids.clone()))
+        .all(db)
+        .await?
+        .into_iter()
+        .map(|r| (r.id, r))
+        .collect();
     let attempts = latest_attempts(db, &ids).await?;
+    let mut commands = Vec::with_capacity(page.len());
+    for (id, _, key) in &page {
+        if let Some(row) = rows.get(id) {
+            commands.push(command_to_proto(row, key.as_deref(), attempts.get(id))?);
+        }
+    }
     Ok(pb::ListCommandsResponse {
-        commands: rows
-            .iter()
-            .map(|r| command_to_proto(r, attempts.get(&r.id)))
-            .collect::<Result<_>>()?,
+        commands,
         next_page_token: if more {
-            rows.last().map(|r| r.id.to_string()).unwrap_or_default()
+            page.last()
+                .map(|(_, n, _)| n.to_string())
+                .unwrap_or_default()
         } else {
             String::new()
         },

@@ -115,6 +115,17 @@ impl MigrationTrait for Migration {
         manager
             .create_index(
                 Index::create()
+                    .name("idx_sandbox_commands_number")
+                    .table(SandboxCommands::Table)
+                    .col(SandboxCommands::SandboxId)
+                    .col(SandboxCommands::Number)
+                    .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
                     .name("idx_sandbox_commands_key")
                     .table(SandboxCommands::Table)
                     .col(SandboxCommands::SandboxId)
