@@ -770,6 +770,20 @@ pub async fn get_sandbox(sandboxes: &mut Sandboxes, id: &str) -> pb::Sandbox {
         .into_inner()
 }
 
+/// Deletes a sandbox; returns it as the answer shows it (DELETING, or DELETED).
+pub async fn delete_sandbox(sandboxes: &mut Sandboxes, id: &str) -> pb::Sandbox {
+    sandboxes
+        .delete_sandbox(pb::DeleteSandboxRequest {
+            sandbox_id: id.into(),
+            reason: String::new(),
+        })
+        .await
+        .expect("delete sandbox")
+        .into_inner()
+        .sandbox
+        .expect("sandbox")
+}
+
 /// Accepts `argv` in the sandbox; returns the command.
 pub async fn run_in(sandboxes: &mut Sandboxes, id: &str, argv: &[&str]) -> pb::SandboxCommand {
     run_command(

@@ -946,13 +946,7 @@ async fn sandbox_watch_renders_the_running_commands_progress_bar_in_a_real_termi
         pb::CommandStatus::Succeeded,
     )
     .await;
-    sandboxes
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: sandbox.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("delete");
+    gantry_tests::delete_sandbox(&mut sandboxes, &sandbox.id).await;
     let end = eventually("watch ends with exit 0", || {
         let s = screen(&tmux);
         async move { s.contains("EXIT=0").then_some(s) }

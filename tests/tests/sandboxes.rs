@@ -829,13 +829,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(db: Db) {
         get_sandbox(&mut sandboxes, &heavy.id).await.command_count,
         0
     );
-    sandboxes
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: heavy.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("delete");
+    delete_sandbox(&mut sandboxes, &heavy.id).await;
     // Nothing was accepted.
     let after = get_sandbox(&mut sandboxes, &sandbox.id).await;
     assert_eq!(after.command_count, 0);
@@ -855,13 +849,7 @@ async fn bad_input_is_refused_naming_the_field_and_changes_nothing(db: Db) {
         "no sandbox was created by a refusal"
     );
     // A command to a deleted sandbox.
-    sandboxes
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: sandbox.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("delete pending");
+    delete_sandbox(&mut sandboxes, &sandbox.id).await;
     let (code, message) = code_of(sandboxes.run_command(run(&sandbox.id, argv(&["x"]))).await);
     assert_eq!(code, Code::FailedPrecondition, "{message}");
     assert!(message.contains("DELETED"), "{message}");
@@ -910,13 +898,7 @@ async fn a_lock_key_held_by_a_sandbox_blocks_a_job_until_the_sandbox_is_deleted(
         .into_inner();
     assert!(got.assignments.is_empty(), "{got:?}");
     assert_eq!(get(&mut jobs, &job).await.status, JobStatus::Queued as i32);
-    sandboxes
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: a.job_id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("delete");
+    delete_sandbox(&mut sandboxes, &a.job_id).await;
     next_cancel(&mut session).await;
     session
         .report(vec![report(
@@ -945,13 +927,7 @@ async fn commands_accepted_at_once_are_numbered_in_order_and_one_refusal_refuses
     let mut sandboxes = server.sandboxes().await;
     let open = create_sandbox(&mut sandboxes, process_sandbox()).await;
     let gone = create_sandbox(&mut sandboxes, process_sandbox()).await;
-    sandboxes
-        .delete_sandbox(pb::DeleteSandboxRequest {
-            sandbox_id: gone.id.clone(),
-            reason: String::new(),
-        })
-        .await
-        .expect("delete");
+    delete_sandbox(&mut sandboxes, &gone.id).await;
     // Forty calls at once (they share transactions), one of them to the deleted sandbox and
     // one repeating an idempotency key.
     let mut calls = Vec::new();
