@@ -451,3 +451,50 @@ async fn a_draining_runner_lets_the_running_command_finish_then_deletes_the_sand
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_docker_sandbox_runs_its_images_own_command_beside_the_idle_init() {
+    // An image whose own command leaves a mark and keeps running, built locally on the test
+    // image (the engine already has it: nothing is pulled).
+    let base = busybox_image().await;
+    let ctx = tempfile::tempdir().expect("build context");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {base}\nCMD [\"sh\", \"-c\", \"echo up > /own-ran; exec sleep 600\"]\n"),
+    )
+    .expect("Dockerfile");
+    let image = "gantry-test/own-command:1";
+    let out = tokio::process::Command::new("docker")
+        .args(["build", "-q", "-t", image])
+        .arg(ctx.path())
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .await
+        .expect("run docker build");
+    assert!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server = TestServer::start(Db::Sqlite).await;
+    let mut sandboxes = server.sandboxes().await;
+    let runner = RunnerProcess::start(&server, "own", &["--executors", "docker"]);
+    let spec = pb::SandboxSpec {
+        image: image.into(),
+        ..docker_sandbox().await
+    };
+    let sandbox = create_sandbox(&mut sandboxes, spec).await;
+    wait_for_sandbox(&mut sandboxes, &sandbox.id, SandboxStatus::Running).await;
+    let (_, out) = run_to_end(
+        &mut sandboxes,
+        &sandbox.id,
+        sh_in("while [ ! -e /own-ran ]; do sleep 0.05; done; cat /own-ran"),
+        CommandStatus::Succeeded,
+    )
+    .await;
+    assert_eq!(out, "up\n", "runner log:\n{}", runner.log());
+    delete_sandbox(&mut sandboxes, &sandbox.id).await;
+    wait_for_sandbox(&mut sandboxes, &sandbox.id, SandboxStatus::Deleted).await;
+    until_no_container(&sandbox_label(&sandbox.id), "the container is removed").await;
+    server.stop().await;
+}

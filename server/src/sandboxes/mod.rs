@@ -523,32 +523,33 @@ async fn accept(env: &Env, group: &[(Uuid, pb::CommandSpec)]) -> Result<Vec<Resu
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    let sandboxes: std::collections::HashSet<Uuid> = job::Entity::find()
-        .select_only()
-        .column(job::Column::Id)
-        .filter(job::Column::Id.is_in(ids.clone()))
-        .filter(job::Column::Kind.eq(Kind::Sandbox.as_i32()))
-        .into_tuple::<Uuid>()
-        .all(lc.txn())
-        .await?
-        .into_iter()
+    // The one lock order on PostgreSQL: the attempts a follow-up may touch (the sandboxes'
+    // own and their running commands'), found with a plain read, then the sandboxes' rows.
+    // SQLite has one writer: no order to keep, and no statement to spend on it.
+    if env.store.is_postgres() {
+        let leases: Vec<Option<Uuid>> = job::Entity::find()
+            .select_only()
+            .column(job::Column::CurrentLease)
+            .filter(
+                sea_orm::Condition::any()
+                    .add(job::Column::Id.is_in(ids.clone()))
+                    .add(job::Column::ParentId.is_in(ids.clone())),
+            )
+            .filter(job::Column::FinishedAt.is_null())
+            .into_tuple()
+            .all(lc.txn())
+            .await?;
+        lc.load_attempts(leases.into_iter().flatten()).await?;
+    }
+    lc.load_jobs(ids.iter().copied()).await?;
+    let sandboxes: std::collections::HashSet<Uuid> = ids
+        .iter()
+        .copied()
+        .filter(|id| {
+            lc.job(id)
+                .is_some_and(|j| Kind::of(j.kind) == Kind::Sandbox)
+        })
         .collect();
-    // The one lock order: the attempts a follow-up may touch (the sandboxes' own and their
-    // running commands'), found with a plain read, then the sandboxes' rows.
-    let leases: Vec<Option<Uuid>> = job::Entity::find()
-        .select_only()
-        .column(job::Column::CurrentLease)
-        .filter(
-            sea_orm::Condition::any()
-                .add(job::Column::Id.is_in(sandboxes.iter().copied()))
-                .add(job::Column::ParentId.is_in(sandboxes.iter().copied())),
-        )
-        .filter(job::Column::FinishedAt.is_null())
-        .into_tuple()
-        .all(lc.txn())
-        .await?;
-    lc.load_attempts(leases.into_iter().flatten()).await?;
-    lc.load_jobs(sandboxes.iter().copied()).await?;
     // Keys these sandboxes already accepted.
     let keys: Vec<String> = group
         .iter()

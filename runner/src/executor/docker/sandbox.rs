@@ -7,8 +7,9 @@
 //! CPU limits, the labels of a job's container (`gantry.job-id` holds the sandbox id,
 //! `gantry.attempt`, `gantry.runner-id`, `gantry.lease-id`) plus `gantry.sandbox-id`, and
 //! `HostConfig.init`: the engine's init is PID 1, and it reaps whatever the commands orphan.
-//! Its main process is an idle loop of the image's `/bin/sh` ([`IDLE`]), not the image's
-//! entrypoint or command; it exits at once on SIGTERM. Removing the sandbox removes the
+//! Its main process is the image's `/bin/sh`: it starts the image's own entrypoint and
+//! command in the background, then idles ([`IDLE`]), so the container stays up whether that
+//! command runs on or exits; it exits at once on SIGTERM. Removing the sandbox removes the
 //! container by force. Since it carries `gantry.runner-id`, a container left behind by a
 //! runner that crashed goes with that runner's other containers when it starts again
 //! ([`DockerExecutor::remove_orphans`]).
@@ -70,6 +71,11 @@ pub const LABEL_SANDBOX: &str = "gantry.sandbox-id";
 /// shell takes the signal at once).
 pub const IDLE: &str = "trap 'exit 0' TERM; while :; do sleep 3600 & wait $!; done";
 
+/// The container's main process when the image has an entrypoint or command of its own
+/// (`$@`): that runs in the background (stdin empty, its output in the container's log),
+/// and [`IDLE`] keeps the container up whether it keeps running or exits.
+const OWN_THEN_IDLE: &str = "if [ \"$#\" -gt 0 ]; then \"$@\" </dev/null & fi; ";
+
 /// Starts a command as the leader of its own process group and says which (see the module
 /// comment). `$0` is `gantry-exec`; `$@` the command.
 pub const LAUNCH: &str = r#"command -v "$1" >/dev/null 2>&1 || { printf 'gantry: %s: command not found\n' "$1" >&2; exit 127; }
@@ -130,6 +136,23 @@ impl DockerExecutor {
         if let Some(s) = stop.borrow().clone() {
             return Err(Outcome::failed(pb::FailureKind::Canceled, s.message));
         }
+        // The image's own entrypoint and command, run beside the idle loop.
+        let own = match self.docker.inspect_image(&spec.image).await {
+            Ok(image) => image
+                .config
+                .map(|c| {
+                    let mut own = c.entrypoint.unwrap_or_default();
+                    own.extend(c.cmd.unwrap_or_default());
+                    own
+                })
+                .unwrap_or_default(),
+            Err(e) => {
+                return Err(Outcome::failed(
+                    pb::FailureKind::ExecutorError,
+                    format!("inspecting image {}: {e}", spec.image),
+                ));
+            }
+        };
         io.phase(pb::ExecutorPhase::Creating, spec.image.as_str())
             .await;
         let created = self
@@ -139,7 +162,7 @@ impl DockerExecutor {
                     name: Some(format!("gantry-sandbox-{}", sandbox.job_id)),
                     ..Default::default()
                 }),
-                container_body(sandbox),
+                container_body(sandbox, &own),
             )
             .await;
         let container = match created {
@@ -180,8 +203,9 @@ impl DockerExecutor {
     }
 }
 
-/// The sandbox's container: its image, kept running by [`IDLE`] under the engine's init.
-fn container_body(sandbox: &Work) -> ContainerCreateBody {
+/// The sandbox's container: its image, its own entrypoint and command (`own`) started in the
+/// background, kept running by [`IDLE`] under the engine's init.
+fn container_body(sandbox: &Work, own: &[String]) -> ContainerCreateBody {
     let spec = &sandbox.spec;
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("GANTRY_SANDBOX_ID={}", sandbox.job_id));
@@ -197,8 +221,19 @@ fn container_body(sandbox: &Work) -> ContainerCreateBody {
     host_config.init = Some(true);
     ContainerCreateBody {
         image: Some(spec.image.clone()),
-        // With an entrypoint given, the image's command is not appended.
-        entrypoint: Some(vec!["/bin/sh".into(), "-c".into(), IDLE.into()]),
+        // With an entrypoint given, the image's command is not appended: it is in `own`.
+        entrypoint: Some(
+            [
+                "/bin/sh",
+                "-c",
+                &format!("{OWN_THEN_IDLE}{IDLE}"),
+                "gantry-sandbox",
+            ]
+            .into_iter()
+            .map(String::from)
+            .chain(own.iter().cloned())
+            .collect(),
+        ),
         env: Some(env),
         labels: Some(labels),
         working_dir: (!spec.working_dir.is_empty()).then(|| spec.working_dir.clone()),
