@@ -376,15 +376,6 @@ impl<'t> Lifecycle<'t> {
         self.attempts.get(lease).map(attempt_view)
     }
 
-    /// Loads one job (locked on PostgreSQL) and returns its view; NOT_FOUND when absent.
-    pub async fn require_job(&mut self, id: Uuid) -> Result<JobView> {
-        self.load_jobs([id]).await?;
-        self.jobs
-            .get(&id)
-            .map(job_view)
-            .ok_or_else(|| Error::NotFound(format!("job {id}")))
-    }
-
     /// Loads job `id` for a change (a cancel, a delete), with its current attempt, in the one
     /// lock order every writer keeps (the attempt, then the job): the attempt is found with a
     /// plain read first. Locking the job first would deadlock against the ingester storing

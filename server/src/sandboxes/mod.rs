@@ -796,32 +796,35 @@ pub async fn cancel_command(env: &Env, id: Uuid, reason: &str) -> Result<pb::San
     get_command(env.store.db(), id).await
 }
 
+/// Idle sandboxes deleted per reaper pass at most.
+const REAP_IDLE_BATCH: u64 = 256;
+
 /// Deletes every running sandbox idle past its timeout: no command queued or under way
 /// since its last activity plus its idle timeout. Decided again on the locked rows.
 pub async fn reap_idle(env: &Env, now: i64) -> Result<()> {
-    let running: Vec<Uuid> = job::Entity::find()
-        .select_only()
+    use sea_orm::sea_query::ExprTrait as _;
+    // Filtered in SQL: only sandboxes running and past their idle time are read.
+    let running = sea_orm::sea_query::Query::select()
         .column(job::Column::Id)
-        .filter(job::Column::Kind.eq(Kind::Sandbox.as_i32()))
-        .filter(job::Column::Status.eq(pb::JobStatus::Running as i32))
+        .from(job::Entity)
+        .and_where(job::Column::Kind.eq(Kind::Sandbox.as_i32()))
+        .and_where(job::Column::Status.eq(pb::JobStatus::Running as i32))
+        .to_owned();
+    let idle: Vec<Uuid> = sandbox::Entity::find()
+        .select_only()
+        .column(sandbox::Column::Id)
+        .filter(
+            sea_orm::sea_query::Expr::col(sandbox::Column::LastActivityAt)
+                .add(sea_orm::sea_query::Expr::col(
+                    sandbox::Column::IdleTimeoutMs,
+                ))
+                .lt(now),
+        )
+        .filter(sandbox::Column::Id.in_subquery(running))
+        .limit(REAP_IDLE_BATCH)
         .into_tuple()
         .all(env.store.db())
         .await?;
-    if running.is_empty() {
-        return Ok(());
-    }
-    let mut idle = Vec::new();
-    for chunk in running.chunks(500) {
-        for row in sandbox::Entity::find()
-            .filter(sandbox::Column::Id.is_in(chunk.iter().copied()))
-            .all(env.store.db())
-            .await?
-        {
-            if row.last_activity_at.saturating_add(row.idle_timeout_ms) < now {
-                idle.push(row.id);
-            }
-        }
-    }
     if idle.is_empty() {
         return Ok(());
     }
