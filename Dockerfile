@@ -7,8 +7,8 @@
 #   scripts/images.sh                                  # gantry-server:VERSION, gantry-runner:VERSION
 #   GANTRY_IMAGE_PREFIX=registry.example.com/gantry/ scripts/images.sh --push
 #
-# The context this file expects: gantry-server, gantry-runner (executables), and two empty
-# directories, data/ and state/.
+# The context this file expects: gantry-server, gantry-runner, gantry (executables), and two
+# empty directories, data/ and state/.
 
 FROM scratch AS server
 COPY gantry-server /usr/local/bin/gantry-server
@@ -24,6 +24,9 @@ ENTRYPOINT ["/usr/local/bin/gantry-server"]
 
 FROM scratch AS runner
 COPY gantry-runner /usr/local/bin/gantry-runner
+# The static `gantry` CLI beside the runner: the runner mounts it read-only into every job
+# container at /usr/local/bin/gantry, so the code inside any image can call `gantry job …`.
+COPY gantry /usr/local/bin/gantry
 # The runner's identity (runner.json) is kept here: a volume keeps it across restarts.
 COPY --chown=65532:65532 state/ /var/lib/gantry-runner/
 # Jobs run in containers on the Docker engine behind DOCKER_HOST (default: the mounted

@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "gantry/v1/runner.proto",
     "gantry/v1/admin.proto",
     "gantry/v1/sandbox.proto",
+    "gantry/v1/work.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

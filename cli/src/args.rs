@@ -11,9 +11,12 @@ use gantry_proto as pb;
 /// command line; 3 the server cannot be reached; 4 authentication failed. Commands that wait
 /// for a job (`submit --wait/--follow`, `watch`) or a sandbox command (`exec`) exit with its
 /// own exit code, or 124 when it timed out, 125 when it failed without an exit code (e.g. its
-/// image was unavailable or its runner was lost), 130 when it was canceled. `sandbox create
-/// --wait` exits 125 when the sandbox ended before it ran; `sandbox watch` exits 0 when the
-/// sandbox ended DELETED, 125 when it ended FAILED.
+/// image was unavailable, an input could not be had, or its runner was lost), 130 when it was
+/// canceled. `sandbox create --wait` exits 125 when the sandbox ended before it ran; `sandbox
+/// watch` exits 0 when the sandbox ended DELETED, 125 when it ended FAILED. `download` and
+/// `blob get` exit 1 when the bytes that arrived do not have the expected digest. `gantry job
+/// …` exits 2 when the work's environment (GANTRY_ENDPOINT, GANTRY_WORK_TOKEN, GANTRY_JOB_ID)
+/// is missing, 3 when its endpoint does not answer, 4 when its work token is refused.
 #[derive(Parser, Debug)]
 #[command(name = "gantry", version, propagate_version = true)]
 pub struct Cli {
@@ -63,10 +66,11 @@ pub enum Command {
     /// runner (process executor, plus docker when an engine answers). Ctrl-C stops both.
     Dev(DevArgs),
     /// Submit a job: `gantry submit [OPTIONS] -- COMMAND [ARGS]...`. Prints its id.
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// List jobs, newest first.
+    #[command(visible_alias = "ls")]
     Jobs(JobsArgs),
-    /// Show one job with its attempts.
+    /// Show one job with its attempts, its result and its parent.
     Get(IdArg),
     /// Follow a job live (status changes, executor phases, progress) until it ends.
     Watch(IdArg),
@@ -92,6 +96,20 @@ pub enum Command {
     Runners(RunnersArgs),
     /// Drain a runner: it takes no new work and leaves once its work is done.
     Drain(DrainArgs),
+    /// List a job's (or a sandbox's) artifacts.
+    Artifacts(IdArg),
+    /// Download an artifact of a job, checking its digest.
+    Download(DownloadArgs),
+    /// Blobs: bytes uploaded beforehand, to be named as inputs (`--input PATH=sha256:…`).
+    #[command(subcommand)]
+    Blob(BlobCommand),
+    /// Commands for the code inside a job, acting as that job's work: progress, events, its
+    /// result, artifacts, inputs and child jobs.
+    ///
+    /// They use the environment the runner gives the work: GANTRY_ENDPOINT (where to call),
+    /// GANTRY_WORK_TOKEN (the work's identity) and GANTRY_JOB_ID (the job); no API token.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Job counts by status and queue, runner counts by state.
     Stats,
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -122,6 +140,20 @@ pub struct IdArg {
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
+    /// What to run and how.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+    /// Wait for the job to end, print its output, and exit with its exit code.
+    #[arg(long, conflicts_with = "follow")]
+    pub wait: bool,
+    /// Stream the job's output while it runs, and exit with its exit code.
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+}
+
+/// The flags of a job spec, shared by `gantry submit` and `gantry job submit`.
+#[derive(Args, Debug)]
+pub struct SpecArgs {
     /// Run in a container of this image (docker executor); without it the command runs as a
     /// local process on the runner.
     #[arg(long)]
@@ -174,12 +206,14 @@ pub struct SubmitArgs {
     /// Time between the stop signal and the kill on cancel or timeout.
     #[arg(long, value_parser = parse_duration)]
     pub grace: Option<Duration>,
-    /// Wait for the job to end, print its output, and exit with its exit code.
-    #[arg(long, conflicts_with = "follow")]
-    pub wait: bool,
-    /// Stream the job's output while it runs, and exit with its exit code.
-    #[arg(long, short = 'f')]
-    pub follow: bool,
+    /// A file placed in the job's workspace before it starts (repeatable): PATH=JOB:NAME for
+    /// the artifact NAME of job JOB, PATH=sha256:DIGEST for a blob (`gantry blob put`).
+    #[arg(long = "input", value_name = "PATH=SOURCE", value_parser = parse_input)]
+    pub inputs: Vec<pb::Input>,
+    /// An output path stored as the job's artifacts after it ends (repeatable): a file, a
+    /// directory, or a glob (`out/*.bin`), relative to the workspace.
+    #[arg(long = "artifact", value_name = "PATH", value_parser = parse_artifact_path)]
+    pub artifacts: Vec<String>,
     /// The command and its arguments (after `--`).
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -218,6 +252,9 @@ pub struct JobsArgs {
     /// Only jobs that ran on this runner.
     #[arg(long)]
     pub runner: Option<String>,
+    /// Only children of this job (jobs its work submitted with `gantry job submit`).
+    #[arg(long, value_name = "JOB")]
+    pub parent: Option<String>,
     /// Jobs per page (1..=1000).
     #[arg(long, default_value_t = 50)]
     pub limit: u32,
@@ -323,7 +360,7 @@ pub struct DrainArgs {
 #[derive(Subcommand, Debug)]
 pub enum SandboxCommand {
     /// Create a sandbox. Prints its id.
-    Create(SandboxCreateArgs),
+    Create(Box<SandboxCreateArgs>),
     /// List sandboxes, newest first.
     #[command(visible_alias = "list")]
     Ls(SandboxLsArgs),
@@ -392,6 +429,14 @@ pub struct SandboxCreateArgs {
     /// Creating again with the same key returns the first sandbox.
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// A file placed in the workspace before it starts (repeatable): PATH=JOB:NAME for the
+    /// artifact NAME of job JOB, PATH=sha256:DIGEST for a blob (`gantry blob put`).
+    #[arg(long = "input", value_name = "PATH=SOURCE", value_parser = parse_input)]
+    pub inputs: Vec<pb::Input>,
+    /// An output path stored as the sandbox's artifacts when it ends (repeatable): a file,
+    /// a directory, or a glob, relative to the workspace.
+    #[arg(long = "artifact", value_name = "PATH", value_parser = parse_artifact_path)]
+    pub artifacts: Vec<String>,
     /// Wait until the sandbox runs (exit 125 with the reason if it ends first).
     #[arg(long)]
     pub wait: bool,
@@ -493,11 +538,198 @@ pub struct ExecArgs {
     pub command: Vec<String>,
 }
 
+#[derive(Args, Debug)]
+pub struct DownloadArgs {
+    /// Job (or sandbox) id.
+    pub job: String,
+    /// Artifact name (as `gantry artifacts` lists it).
+    pub name: String,
+    /// Where to write it: a file, a directory (the artifact's base name in it), or `-` for
+    /// standard output (default: the artifact's base name in the current directory).
+    #[arg(long, value_name = "PATH")]
+    pub to: Option<PathBuf>,
+}
+
+/// `gantry blob …`.
+#[derive(Subcommand, Debug)]
+pub enum BlobCommand {
+    /// Upload a file (or `-` for standard input) as a blob. Prints its digest, for
+    /// `--input PATH=sha256:DIGEST`.
+    Put(BlobPutArgs),
+    /// Download a blob, checking its digest.
+    Get(BlobGetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BlobPutArgs {
+    /// The file (`-`: standard input).
+    pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct BlobGetArgs {
+    /// The blob's digest: sha256:<64 hex>.
+    #[arg(value_parser = parse_digest)]
+    pub digest: String,
+    /// Where to write it: a file, or `-` for standard output (the default).
+    #[arg(long, value_name = "PATH")]
+    pub to: Option<PathBuf>,
+}
+
+/// `gantry job …`: the work's own commands.
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// Report the job's progress: `gantry job progress 40 "copying" --stage download`.
+    Progress(ProgressArgs),
+    /// Append an event of the work's own to the job's trail.
+    Event(EventArgs),
+    /// Set the job's result (replacing an earlier one); `gantry get` shows it.
+    Result(ResultArgs),
+    /// The job's artifacts.
+    #[command(subcommand)]
+    Artifact(ArtifactCommand),
+    /// List the job's inputs, each with its blob or why it cannot be had.
+    Inputs,
+    /// Submit a child job (canceled with this job): the flags of `gantry submit`.
+    Submit(Box<JobSubmitArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct ProgressArgs {
+    /// Percent done (0..=100).
+    #[arg(value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub percent: u32,
+    /// What is happening, in words.
+    pub message: Option<String>,
+    /// Short name of the current stage, e.g. `download`.
+    #[arg(long)]
+    pub stage: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct EventArgs {
+    /// What kind of event, in the work's own terms, e.g. `checkpoint` ([A-Za-z0-9._/-]).
+    pub kind: String,
+    /// Free text.
+    pub message: Option<String>,
+    /// Structured detail, KEY=VALUE (repeatable).
+    #[arg(long = "field", value_parser = key_value("--field"))]
+    pub fields: Vec<(String, String)>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["file", "data", "stdin"])))]
+pub struct ResultArgs {
+    /// The result is this file's bytes.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// The result is this text.
+    #[arg(long, value_name = "STRING")]
+    pub data: Option<String>,
+    /// The result is all of standard input.
+    #[arg(long)]
+    pub stdin: bool,
+    /// Its media type (default: application/json for a --file ending in .json, else none,
+    /// which readers take as application/octet-stream).
+    #[arg(long, value_name = "TYPE")]
+    pub content_type: Option<String>,
+}
+
+/// `gantry job artifact …`.
+#[derive(Subcommand, Debug)]
+pub enum ArtifactCommand {
+    /// Store files as the job's artifacts: each named by its path as given (relative, without
+    /// `..`); a directory stores every file under it. Prints each stored artifact.
+    Put(ArtifactPutArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ArtifactPutArgs {
+    /// Files or directories, relative to the current directory.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// The artifact's name, instead of the path (one file only; then the path may be
+    /// absolute).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct JobSubmitArgs {
+    /// What to run and how.
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
 /// A parser of KEY=VALUE for `flag`.
 fn key_value(flag: &'static str) -> impl Fn(&str) -> Result<(String, String), String> + Clone {
     move |s: &str| match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("{flag} takes KEY=VALUE, got `{s}`")),
+    }
+}
+
+/// Why a relative path (an input's, an artifact's) is unfit, if it is: empty, absolute, or
+/// with a `..` component or a NUL.
+pub fn relative_path_problem(path: &str) -> Option<&'static str> {
+    if path.is_empty() {
+        Some("is empty")
+    } else if path.starts_with('/') {
+        Some("must be relative, not absolute")
+    } else if path.split('/').any(|c| c == "..") {
+        Some("must not have `..` components")
+    } else if path.contains('\0') {
+        Some("must not contain NUL")
+    } else {
+        None
+    }
+}
+
+/// `sha256:<64 hex>` (or the 64 hex digits alone), as the proto writes it: lower case.
+pub fn parse_digest(s: &str) -> Result<String, String> {
+    let hex = s.strip_prefix("sha256:").unwrap_or(s);
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(format!("sha256:{}", hex.to_ascii_lowercase()))
+    } else {
+        Err(format!("`{s}` is not a digest (sha256: and 64 hex digits)"))
+    }
+}
+
+/// `--input PATH=JOB:NAME` (an artifact of another job) or `--input PATH=sha256:DIGEST` (a
+/// blob).
+pub fn parse_input(s: &str) -> Result<pb::Input, String> {
+    let forms = "--input takes PATH=JOB:NAME or PATH=sha256:DIGEST";
+    let (path, source) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{forms}, got `{s}`"))?;
+    if let Some(problem) = relative_path_problem(path) {
+        return Err(format!("--input `{s}`: the path {problem}"));
+    }
+    let source = if source.starts_with("sha256:") {
+        let digest = parse_digest(source).map_err(|e| format!("--input `{s}`: {e}"))?;
+        pb::input::Source::BlobDigest(digest)
+    } else {
+        match source.split_once(':') {
+            Some((job, name)) if !job.is_empty() && !name.is_empty() => {
+                pb::input::Source::Artifact(pb::ArtifactRef {
+                    job_id: job.to_string(),
+                    name: name.to_string(),
+                })
+            }
+            _ => return Err(format!("{forms}, got `{s}`")),
+        }
+    };
+    Ok(pb::Input {
+        path: path.to_string(),
+        source: Some(source),
+    })
+}
+
+/// `--artifact PATH`: relative to the workspace, without `..`.
+fn parse_artifact_path(s: &str) -> Result<String, String> {
+    match relative_path_problem(s) {
+        Some(problem) => Err(format!("--artifact `{s}`: the path {problem}")),
+        None => Ok(s.to_string()),
     }
 }
 
@@ -576,6 +808,134 @@ mod tests {
         assert!(parse_bytes("lots").is_err());
         assert_eq!(parse_cpus("0.5"), Ok(500));
         assert!(parse_cpus("0").is_err());
+    }
+
+    #[test]
+    fn inputs_name_an_artifact_or_a_blob() {
+        let digest = "ab".repeat(32);
+        assert_eq!(
+            parse_input("in/model.bin=0190a0b0-0000-7000-8000-000000000001:out/dir/model.bin"),
+            Ok(pb::Input {
+                path: "in/model.bin".into(),
+                source: Some(pb::input::Source::Artifact(pb::ArtifactRef {
+                    job_id: "0190a0b0-0000-7000-8000-000000000001".into(),
+                    name: "out/dir/model.bin".into(),
+                })),
+            })
+        );
+        assert_eq!(
+            parse_input(&format!("data.csv=sha256:{}", digest.to_uppercase())),
+            Ok(pb::Input {
+                path: "data.csv".into(),
+                source: Some(pb::input::Source::BlobDigest(format!("sha256:{digest}"))),
+            })
+        );
+        // The artifact's name may hold `:` and `=`; the path ends at the first `=`.
+        assert_eq!(
+            parse_input("a=j1:x:y=z").map(|i| i.source),
+            Ok(Some(pb::input::Source::Artifact(pb::ArtifactRef {
+                job_id: "j1".into(),
+                name: "x:y=z".into(),
+            })))
+        );
+        for bad in [
+            "model.bin",
+            "=j1:out.bin",
+            "in.bin=",
+            "in.bin=j1",
+            "in.bin=j1:",
+            "in.bin=:out.bin",
+            "in.bin=sha256:abc",
+            "/abs/in.bin=j1:out.bin",
+            "../in.bin=j1:out.bin",
+            "a/../../in.bin=j1:out.bin",
+        ] {
+            let e = parse_input(bad).err().unwrap_or_default();
+            assert!(e.starts_with("--input"), "{bad}: {e}");
+            assert!(e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn artifact_paths_are_relative() {
+        assert_eq!(parse_artifact_path("out/*.bin"), Ok("out/*.bin".into()));
+        assert_eq!(
+            parse_artifact_path("**/report.txt"),
+            Ok("**/report.txt".into())
+        );
+        for bad in ["", "/out", "../out", "out/../../x"] {
+            let e = parse_artifact_path(bad).err().unwrap_or_default();
+            assert!(e.starts_with("--artifact"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn digests_are_sha256_in_lower_case() {
+        let hex = "0f".repeat(32);
+        assert_eq!(
+            parse_digest(&format!("sha256:{}", hex.to_uppercase())),
+            Ok(format!("sha256:{hex}"))
+        );
+        assert_eq!(parse_digest(&hex), Ok(format!("sha256:{hex}")));
+        for bad in [
+            "sha256:",
+            "sha256:xyz",
+            "md5:abc",
+            &format!("sha256:{hex}0"),
+        ] {
+            assert!(parse_digest(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn submit_and_sandbox_create_take_inputs_and_artifacts() {
+        let line = [
+            "--input",
+            "a.bin=j1:out/a.bin",
+            "--input",
+            &format!("b.bin=sha256:{}", "1".repeat(64)),
+            "--artifact",
+            "out/",
+            "--artifact",
+            "*.log",
+        ];
+        let cli = Cli::try_parse_from(
+            ["gantry", "submit"]
+                .into_iter()
+                .chain(line)
+                .chain(["--", "true"]),
+        );
+        match cli.map(|c| c.command) {
+            Ok(Command::Submit(s)) => {
+                assert_eq!(s.spec.inputs.len(), 2);
+                assert_eq!(s.spec.artifacts, ["out/", "*.log"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from(["gantry", "sandbox", "create"].into_iter().chain(line));
+        match cli.map(|c| c.command) {
+            Ok(Command::Sandbox(SandboxCommand::Create(c))) => {
+                assert_eq!(c.inputs.len(), 2);
+                assert_eq!(c.artifacts, ["out/", "*.log"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // `-o` stays the output format.
+        let cli = Cli::try_parse_from(["gantry", "submit", "-o", "json", "--", "true"]);
+        assert!(cli.is_ok_and(|c| c.global.output == Output::Json));
+        let e = Cli::try_parse_from(["gantry", "submit", "--input", "x", "--", "true"])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("--input takes PATH=JOB:NAME"), "{e}");
+    }
+
+    #[test]
+    fn ls_lists_a_jobs_children() {
+        match Cli::try_parse_from(["gantry", "ls", "--parent", "j1"]).map(|c| c.command) {
+            Ok(Command::Jobs(j)) => assert_eq!(j.parent.as_deref(), Some("j1")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

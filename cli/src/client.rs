@@ -1,6 +1,7 @@
-//! The connection to the server, and errors as the user sees them: one line, a fitting exit
-//! status.
-use std::fmt;
+//! The connection to the server (as a user, with an API token) or to the work endpoint (as
+//! the work of a job, with its work token), and errors as the user sees them: one line, a
+//! fitting exit status.
+use std::{env::VarError, fmt, path::PathBuf};
 
 use gantry_proto as pb;
 use tonic::{
@@ -66,16 +67,57 @@ impl fmt::Display for CliError {
 /// A result for commands.
 pub type Result<T, E = CliError> = std::result::Result<T, E>;
 
+/// Who a command calls, as error messages name it and say what to check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// The server, as a user (`--server`, `--token`).
+    Api,
+    /// The work endpoint, as a job's work (`GANTRY_ENDPOINT`, `GANTRY_WORK_TOKEN`).
+    Work,
+}
+
+impl Peer {
+    /// What is called: `the server`.
+    fn name(self) -> &'static str {
+        match self {
+            Peer::Api => "the server",
+            Peer::Work => "the work endpoint",
+        }
+    }
+
+    /// What to check when it cannot be reached.
+    fn reach_hint(self) -> &'static str {
+        match self {
+            Peer::Api => "is it running? set --server or GANTRY_SERVER",
+            Peer::Work => "GANTRY_ENDPOINT; is this job's runner still serving it?",
+        }
+    }
+
+    /// What to check when authentication fails.
+    fn auth_hint(self) -> &'static str {
+        match self {
+            Peer::Api => "check --token or GANTRY_TOKEN",
+            Peer::Work => "check GANTRY_WORK_TOKEN and GANTRY_JOB_ID",
+        }
+    }
+}
+
 /// Turns a gRPC status into the user's error: the server's message, its field violations, and
 /// the exit status that fits.
 pub fn from_status(server: &str, status: &Status) -> CliError {
+    from_status_of(Peer::Api, server, status)
+}
+
+/// [`from_status`] for a call to `peer` at `server`.
+pub fn from_status_of(peer: Peer, server: &str, status: &Status) -> CliError {
+    let name = peer.name();
     // A status the client made from a broken connection (the server crashed, the network
     // failed mid-stream) carries its cause; the server's own statuses never do.
     if let Some(cause) = std::error::Error::source(status) {
         return CliError::new(
             exit::UNREACHABLE,
             format!(
-                "lost the connection to the server at {server}: {}",
+                "lost the connection to {name} at {server}: {}",
                 innermost(cause)
             ),
         );
@@ -99,17 +141,18 @@ pub fn from_status(server: &str, status: &Status) -> CliError {
         Code::Unavailable | Code::DeadlineExceeded => CliError::new(
             exit::UNREACHABLE,
             format!(
-                "cannot reach the server at {server}: {} (is it running? set --server or GANTRY_SERVER)",
+                "cannot reach {name} at {server}: {} ({})",
                 if message.is_empty() {
                     "unavailable"
                 } else {
                     &message
-                }
+                },
+                peer.reach_hint()
             ),
         ),
         Code::Unauthenticated | Code::PermissionDenied => CliError::new(
             exit::AUTH,
-            format!("authentication failed: {message} (check --token or GANTRY_TOKEN)"),
+            format!("authentication failed: {message} ({})", peer.auth_hint()),
         ),
         Code::InvalidArgument => {
             CliError::new(exit::REFUSED, format!("invalid request: {message}"))
@@ -144,8 +187,48 @@ impl Interceptor for Bearer {
     }
 }
 
+impl Bearer {
+    /// The `authorization` value for `token`, kept out of HPACK's index; `what` names the
+    /// token in the error (which never holds the token itself).
+    fn new(token: &str, what: &str) -> Result<Bearer> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| CliError::usage(format!("{what} must be printable ASCII")))?;
+        value.set_sensitive(true);
+        Ok(Bearer(Some(value)))
+    }
+}
+
 /// An authenticated channel.
 pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Timeouts and keep-alives every connection has.
+fn tuned(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .connect_timeout(std::time::Duration::from_secs(5))
+        // A server host that vanishes without closing the connection is noticed.
+        .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+        .keep_alive_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+}
+
+/// The TLS settings of the global options (`--tls-ca`, `--tls-domain`).
+fn tls_config(global: &Global) -> Result<ClientTlsConfig> {
+    let mut tls = ClientTlsConfig::new();
+    if let Some(ca) = &global.tls_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
+        tls = tls.ca_certificate(Certificate::from_pem(pem));
+    }
+    if let Some(domain) = &global.tls_domain {
+        tls = tls.domain_name(domain.clone());
+    }
+    Ok(tls)
+}
+
+/// Bytes a response may hold: a job with a large result (the server's
+/// `--max-result-bytes` may be raised up to its `--max-message-bytes`).
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// The clients a command needs.
 pub struct Clients {
@@ -183,33 +266,17 @@ impl Clients {
         if global.tls_domain.is_some() && !https {
             return Err(CliError::usage("--tls-domain needs an https:// --server"));
         }
-        let token = match global.token.as_deref() {
-            Some(t) => Some(
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| CliError::usage("--token must be printable ASCII"))?,
-            ),
-            None => None,
+        let bearer = match global.token.as_deref() {
+            Some(t) => Bearer::new(t, "--token")?,
+            None => Bearer(None),
         };
-        let mut endpoint = Endpoint::from_shared(server.clone())
-            .map_err(|_| CliError::usage(format!("--server `{server}` is not a URL")))?
-            .connect_timeout(std::time::Duration::from_secs(5))
-            // A server host that vanishes without closing the connection is noticed.
-            .http2_keep_alive_interval(std::time::Duration::from_secs(20))
-            .keep_alive_timeout(std::time::Duration::from_secs(10))
-            .keep_alive_while_idle(true);
+        let mut endpoint = tuned(
+            Endpoint::from_shared(server.clone())
+                .map_err(|_| CliError::usage(format!("--server `{server}` is not a URL")))?,
+        );
         if https {
-            let mut tls = ClientTlsConfig::new();
-            if let Some(ca) = &global.tls_ca {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| CliError::usage(format!("--tls-ca {}: {e}", ca.display())))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            if let Some(domain) = &global.tls_domain {
-                tls = tls.domain_name(domain.clone());
-            }
             endpoint = endpoint
-                .tls_config(tls)
+                .tls_config(tls_config(global)?)
                 .map_err(|e| CliError::usage(format!("TLS: {}", innermost(&e))))?;
         }
         let channel = endpoint.connect().await.map_err(|e| {
@@ -222,12 +289,12 @@ impl Clients {
                 ),
             )
         })?;
-        let bearer = Bearer(token);
         Ok(Clients {
             jobs: pb::job_service_client::JobServiceClient::with_interceptor(
                 channel.clone(),
                 bearer.clone(),
-            ),
+            )
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
             admin: pb::admin_service_client::AdminServiceClient::with_interceptor(
                 channel.clone(),
                 bearer.clone(),
@@ -282,5 +349,248 @@ impl Clients {
     /// The user's error for a failed call.
     pub fn error(&self, status: &Status) -> CliError {
         from_status(&self.server, status)
+    }
+}
+
+/// The environment a runner gives a job's work: where to call, as whom, for which job.
+pub struct WorkEnv {
+    /// `GANTRY_ENDPOINT`: `unix:///path.sock`, or an http(s) URL.
+    pub endpoint: String,
+    /// `GANTRY_WORK_TOKEN`: the work's identity. Never printed.
+    token: String,
+    /// `GANTRY_JOB_ID`: the job every request names.
+    pub job_id: String,
+}
+
+impl fmt::Debug for WorkEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkEnv")
+            .field("endpoint", &self.endpoint)
+            .field("token", &"<redacted>")
+            .field("job_id", &self.job_id)
+            .finish()
+    }
+}
+
+impl WorkEnv {
+    /// The work's environment, from this process's.
+    pub fn from_env() -> Result<WorkEnv> {
+        Self::from_vars(|name| std::env::var(name))
+    }
+
+    /// The work's environment, from `var`; a variable unset or empty is a usage error naming
+    /// it.
+    pub fn from_vars(var: impl Fn(&str) -> Result<String, VarError>) -> Result<WorkEnv> {
+        let get = |name: &str| match var(name) {
+            Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_string()),
+            Ok(_) | Err(VarError::NotPresent) => Err(CliError::usage(format!(
+                "{name} is not set: `gantry job` commands run inside a job, whose runner sets \
+                 GANTRY_ENDPOINT, GANTRY_WORK_TOKEN and GANTRY_JOB_ID"
+            ))),
+            Err(VarError::NotUnicode(_)) => {
+                Err(CliError::usage(format!("{name} is not valid UTF-8")))
+            }
+        };
+        Ok(WorkEnv {
+            endpoint: get("GANTRY_ENDPOINT")?,
+            token: get("GANTRY_WORK_TOKEN")?,
+            job_id: get("GANTRY_JOB_ID")?,
+        })
+    }
+}
+
+/// Where a work endpoint is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// An http:// or https:// URL.
+    Url(String),
+}
+
+/// `unix:///abs/path.sock` (or `unix:/abs/path.sock`), or an http(s) URL.
+pub fn parse_endpoint(endpoint: &str) -> Result<Target> {
+    let bad = |why: &str| CliError::usage(format!("GANTRY_ENDPOINT `{endpoint}` {why}"));
+    if let Some(rest) = endpoint.strip_prefix("unix:") {
+        // `unix:///abs` and `unix:/abs` name the same absolute path.
+        let path = rest.strip_prefix("//").unwrap_or(rest);
+        if !path.starts_with('/') {
+            return Err(bad("must name an absolute socket path (unix:///path.sock)"));
+        }
+        return Ok(Target::Unix(PathBuf::from(path)));
+    }
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        return Ok(Target::Url(endpoint.to_string()));
+    }
+    Err(bad("must be unix:///path.sock or an http(s):// URL"))
+}
+
+/// The work endpoint, called as the work of one job.
+pub struct Work {
+    /// WorkService, with the work token on every call.
+    pub client: pb::work_service_client::WorkServiceClient<Authed>,
+    /// The job every request names (GANTRY_JOB_ID).
+    pub job_id: String,
+    /// The endpoint (for messages).
+    pub endpoint: String,
+}
+
+impl Work {
+    /// Connects to the work endpoint the environment names (TLS from the global options,
+    /// for an https:// one).
+    pub async fn connect(global: &Global) -> Result<Work> {
+        let env = WorkEnv::from_env()?;
+        let target = parse_endpoint(&env.endpoint)?;
+        let bearer = Bearer::new(&env.token, "GANTRY_WORK_TOKEN")?;
+        let unreachable = |e: &tonic::transport::Error| {
+            CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "cannot reach the work endpoint at {}: {} ({})",
+                    env.endpoint,
+                    innermost(e),
+                    Peer::Work.reach_hint()
+                ),
+            )
+        };
+        let channel = match target {
+            Target::Unix(path) => {
+                let endpoint = Endpoint::from_static("http://localhost");
+                tuned(endpoint)
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    }))
+                    .await
+                    .map_err(|e| unreachable(&e))?
+            }
+            Target::Url(url) => {
+                let mut endpoint = tuned(Endpoint::from_shared(url).map_err(|_| {
+                    CliError::usage(format!("GANTRY_ENDPOINT `{}` is not a URL", env.endpoint))
+                })?);
+                if env.endpoint.starts_with("https://") {
+                    endpoint = endpoint
+                        .tls_config(tls_config(global)?)
+                        .map_err(|e| CliError::usage(format!("TLS: {}", innermost(&e))))?;
+                }
+                endpoint.connect().await.map_err(|e| unreachable(&e))?
+            }
+        };
+        Ok(Work {
+            client: pb::work_service_client::WorkServiceClient::with_interceptor(channel, bearer),
+            job_id: env.job_id,
+            endpoint: env.endpoint,
+        })
+    }
+
+    /// The user's error for a failed call.
+    pub fn error(&self, status: &Status) -> CliError {
+        from_status_of(Peer::Work, &self.endpoint, status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Result<WorkEnv> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        WorkEnv::from_vars(move |name| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .ok_or(VarError::NotPresent)
+        })
+    }
+
+    #[test]
+    fn the_work_environment_names_what_is_missing() {
+        let full = [
+            ("GANTRY_ENDPOINT", "unix:///run/gantry/gantry.sock"),
+            ("GANTRY_WORK_TOKEN", "s3cret-token"),
+            ("GANTRY_JOB_ID", "j1"),
+        ];
+        let ok = env(&full).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.job_id, "j1");
+        assert!(!format!("{ok:?}").contains("s3cret"), "{ok:?}");
+        for missing in ["GANTRY_ENDPOINT", "GANTRY_WORK_TOKEN", "GANTRY_JOB_ID"] {
+            let vars: Vec<_> = full
+                .iter()
+                .copied()
+                .filter(|(k, _)| *k != missing)
+                .collect();
+            let e = env(&vars).err().map(|e| (e.code, e.message));
+            let (code, message) = e.unwrap_or_else(|| panic!("{missing} unset was taken"));
+            assert_eq!(code, exit::USAGE);
+            assert!(
+                message.starts_with(&format!("{missing} is not set")),
+                "{message}"
+            );
+            assert!(!message.contains("s3cret"), "{message}");
+        }
+        let blank: Vec<_> = full
+            .iter()
+            .map(|&(k, v)| (k, if k == "GANTRY_JOB_ID" { " " } else { v }))
+            .collect();
+        assert!(env(&blank).is_err());
+    }
+
+    #[test]
+    fn endpoints_are_unix_sockets_or_urls() {
+        assert_eq!(
+            parse_endpoint("unix:///run/gantry/gantry.sock").ok(),
+            Some(Target::Unix("/run/gantry/gantry.sock".into()))
+        );
+        assert_eq!(
+            parse_endpoint("unix:/tmp/w.sock").ok(),
+            Some(Target::Unix("/tmp/w.sock".into()))
+        );
+        assert_eq!(
+            parse_endpoint("http://10.0.0.1:50051").ok(),
+            Some(Target::Url("http://10.0.0.1:50051".into()))
+        );
+        for bad in [
+            "unix://relative.sock",
+            "unix:relative.sock",
+            "10.0.0.1:50051",
+        ] {
+            let e = parse_endpoint(bad).err().map(|e| (e.code, e.message));
+            let (code, message) = e.unwrap_or_else(|| panic!("{bad} was taken"));
+            assert_eq!(code, exit::USAGE);
+            assert!(message.contains("GANTRY_ENDPOINT"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_bad_token_is_refused_without_showing_it() {
+        let e = Bearer::new("bad\ntoken-s3cret", "GANTRY_WORK_TOKEN")
+            .err()
+            .map(|e| e.message)
+            .unwrap_or_default();
+        assert!(e.contains("GANTRY_WORK_TOKEN"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn work_errors_say_what_to_check() {
+        let e = from_status_of(
+            Peer::Work,
+            "unix:///w.sock",
+            &Status::unauthenticated("unknown work token"),
+        );
+        assert_eq!(e.code, exit::AUTH);
+        assert!(e.message.contains("GANTRY_WORK_TOKEN"), "{}", e.message);
+        let e = from_status(
+            "http://127.0.0.1:50051",
+            &Status::unauthenticated("bad token"),
+        );
+        assert!(e.message.contains("GANTRY_TOKEN"), "{}", e.message);
     }
 }

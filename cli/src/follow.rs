@@ -258,6 +258,36 @@ pub fn event_line(e: &pb::JobEvent) -> Option<String> {
                 )
             ),
         },
+        pb::job_event::Kind::Work(w) => {
+            let mut line = format!("event {}", w.kind);
+            if !w.message.is_empty() {
+                line.push_str(&format!(": {}", w.message));
+            }
+            if !w.fields.is_empty() {
+                let mut fields: Vec<_> = w.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                fields.sort();
+                line.push_str(&format!(" ({})", fields.join(", ")));
+            }
+            line
+        }
+        pb::job_event::Kind::Artifact(a) => match &a.blob {
+            Some(b) if a.error.is_empty() => {
+                format!(
+                    "artifact {} stored ({} bytes, {})",
+                    a.name, b.size, b.digest
+                )
+            }
+            _ => format!("artifact {} not stored: {}", a.name, a.error),
+        },
+        pb::job_event::Kind::Result(r) => format!(
+            "result set ({} bytes{})",
+            r.size,
+            if r.content_type.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", r.content_type)
+            }
+        ),
     })
 }
 
@@ -473,6 +503,84 @@ mod tests {
         assert_eq!(v["runner_id"], "r1");
         assert!(v["container_id"].is_null() && v["failure_kind"].is_null());
         assert_eq!(v["sequence"], 4);
+    }
+
+    #[test]
+    fn the_works_own_events_read_as_lines_and_json() {
+        use pb::job_event::Kind;
+        let line = |k| event_line(&event(k)).unwrap_or_default();
+        let work = Kind::Work(pb::WorkEvent {
+            kind: "checkpoint".into(),
+            message: "step 3".into(),
+            fields: [("step", "3"), ("loss", "0.1")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+        });
+        assert_eq!(
+            line(work.clone()),
+            "event checkpoint: step 3 (loss=0.1, step=3)"
+        );
+        let stored = Kind::Artifact(pb::ArtifactStored {
+            name: "out/model.bin".into(),
+            blob: Some(pb::Blob {
+                digest: "sha256:ab".into(),
+                size: 42,
+            }),
+            error: String::new(),
+        });
+        assert_eq!(
+            line(stored.clone()),
+            "artifact out/model.bin stored (42 bytes, sha256:ab)"
+        );
+        let missing = Kind::Artifact(pb::ArtifactStored {
+            name: "out/*.bin".into(),
+            blob: None,
+            error: "matched nothing".into(),
+        });
+        assert_eq!(
+            line(missing.clone()),
+            "artifact out/*.bin not stored: matched nothing"
+        );
+        let result = Kind::Result(pb::ResultSet {
+            size: 17,
+            content_type: "application/json".into(),
+        });
+        assert_eq!(
+            line(result.clone()),
+            "result set (17 bytes, application/json)"
+        );
+
+        let v = render::event_json(&event(work));
+        assert_eq!(v["type"], "work");
+        assert_eq!(v["kind"], "checkpoint");
+        assert_eq!(v["fields"]["loss"], "0.1");
+        let v = render::event_json(&event(stored));
+        assert_eq!(v["type"], "artifact");
+        assert_eq!(v["blob"]["size"], 42);
+        assert!(v["error"].is_null());
+        let v = render::event_json(&event(missing));
+        assert!(v["blob"].is_null());
+        assert_eq!(v["error"], "matched nothing");
+        let v = render::event_json(&event(result));
+        assert_eq!(v["type"], "result");
+        assert_eq!(v["size"], 17);
+        assert_eq!(v["content_type"], "application/json");
+    }
+
+    #[test]
+    fn an_input_that_cannot_be_had_is_named() {
+        let job = pb::Job {
+            status: pb::JobStatus::Failed as i32,
+            failure_kind: pb::FailureKind::InputUnavailable as i32,
+            failure_message: "input in.bin: job j1 has no artifact named out.bin".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            render::outcome_line(&job),
+            "failed (input_unavailable): input in.bin: job j1 has no artifact named out.bin"
+        );
+        assert_eq!(job_exit_code(&job), 125);
+        assert_eq!(render::job_json(&job)["failure_kind"], "input_unavailable");
     }
 
     #[test]

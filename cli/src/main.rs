@@ -1,6 +1,7 @@
 //! `gantry`: the Gantry command line.
 mod admin;
 mod args;
+mod artifacts;
 mod client;
 mod dev;
 mod exec;
@@ -8,6 +9,8 @@ mod follow;
 mod jobs;
 mod render;
 mod sandbox;
+mod transfer;
+mod work;
 
 use std::process::ExitCode;
 
@@ -81,7 +84,7 @@ async fn main() -> ExitCode {
     let global = cli.global.clone();
     let result = match cli.command {
         Command::Dev(a) => dev::run(&global, a).await,
-        Command::Submit(a) => jobs::submit(&global, a).await,
+        Command::Submit(a) => jobs::submit(&global, *a).await,
         Command::Jobs(a) => jobs::list(&global, a).await,
         Command::Get(a) => jobs::get(&global, a.id).await,
         Command::Watch(a) => follow::watch(&global, a.id).await,
@@ -93,6 +96,10 @@ async fn main() -> ExitCode {
         Command::Runners(a) => admin::runners(&global, a).await,
         Command::Drain(a) => admin::drain(&global, a).await,
         Command::Stats => admin::stats(&global).await,
+        Command::Artifacts(a) => artifacts::artifacts(&global, a.id).await,
+        Command::Download(a) => artifacts::download(&global, a).await,
+        Command::Blob(a) => artifacts::blob(&global, a).await,
+        Command::Job(a) => work::run(&global, a).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "gantry", &mut std::io::stdout());
             Ok(0)

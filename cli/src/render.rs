@@ -3,8 +3,11 @@
 //! The JSON of a job, an event, a runner or the stats uses the proto's field names, enum
 //! values as lower-case names (`"succeeded"`, `"runner_lost"`), times as Unix milliseconds in
 //! fields named `*_unix_ms`; absent optional values are `null`. Fields are only ever added.
+//! Blobs are `{"digest": "sha256:…", "size": N}`; bytes are base64 in fields named
+//! `*_base64`.
 use std::io::IsTerminal as _;
 
+use base64::Engine as _;
 use gantry_proto as pb;
 use serde_json::{Value, json};
 
@@ -157,6 +160,88 @@ fn progress_json(p: &Option<pb::Progress>) -> Value {
     }
 }
 
+/// A blob as JSON (`null` when absent).
+pub fn blob_json(b: Option<&pb::Blob>) -> Value {
+    match b {
+        Some(b) => json!({"digest": b.digest, "size": b.size}),
+        None => Value::Null,
+    }
+}
+
+/// The fields of a declared input as JSON: its path, and its source as `artifact`
+/// (`{"job_id", "name"}`) or `blob_digest`, the other `null`.
+fn input_fields(i: &pb::Input) -> serde_json::Map<String, Value> {
+    let (artifact, blob_digest) = match &i.source {
+        Some(pb::input::Source::Artifact(a)) => {
+            (json!({"job_id": a.job_id, "name": a.name}), Value::Null)
+        }
+        Some(pb::input::Source::BlobDigest(d)) => (Value::Null, json!(d)),
+        None => (Value::Null, Value::Null),
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("path".into(), json!(i.path));
+    m.insert("artifact".into(), artifact);
+    m.insert("blob_digest".into(), blob_digest);
+    m
+}
+
+/// A declared input as JSON.
+pub fn input_json(i: &pb::Input) -> Value {
+    Value::Object(input_fields(i))
+}
+
+/// A resolved input as JSON: the input's fields, its `index`, its `blob` (or `null`) and why
+/// it is `unavailable` (or `null`).
+pub fn resolved_input_json(r: &pb::ResolvedInput) -> Value {
+    let mut m = r.input.as_ref().map(input_fields).unwrap_or_default();
+    m.insert("index".into(), json!(r.index));
+    m.insert("blob".into(), blob_json(r.blob.as_ref()));
+    m.insert(
+        "unavailable".into(),
+        json!((!r.unavailable.is_empty()).then_some(&r.unavailable)),
+    );
+    Value::Object(m)
+}
+
+/// Where an input comes from, as `--input` takes it: `JOB:NAME` or `sha256:…`.
+pub fn input_source(i: &pb::Input) -> String {
+    match &i.source {
+        Some(pb::input::Source::Artifact(a)) => format!("{}:{}", a.job_id, a.name),
+        Some(pb::input::Source::BlobDigest(d)) => d.clone(),
+        None => "-".into(),
+    }
+}
+
+/// An input as `--input` takes it: `PATH=JOB:NAME` or `PATH=sha256:…`.
+pub fn input_line(i: &pb::Input) -> String {
+    format!("{}={}", i.path, input_source(i))
+}
+
+/// An artifact as JSON.
+pub fn artifact_json(a: &pb::Artifact) -> Value {
+    json!({
+        "job_id": a.job_id,
+        "name": a.name,
+        "size": a.blob.as_ref().map_or(0, |b| b.size),
+        "digest": a.blob.as_ref().map(|b| &b.digest),
+        "attempt": a.attempt,
+        "created_at_unix_ms": a.created_at_unix_ms,
+    })
+}
+
+/// A job's result as JSON: `content_type`, `size`, the bytes as `data` when they are UTF-8
+/// (else `null`) and always as `data_base64`.
+pub fn result_json(r: &pb::JobResult) -> Value {
+    json!({
+        "content_type": r.content_type,
+        "size": r.data.len(),
+        "data": std::str::from_utf8(&r.data).ok(),
+        "data_base64": base64::engine::general_purpose::STANDARD.encode(&r.data),
+        "set_at_unix_ms": nonzero(r.set_at_unix_ms),
+        "attempt": r.attempt,
+    })
+}
+
 /// A job as JSON.
 pub fn job_json(job: &pb::Job) -> Value {
     let spec = job.spec.clone().unwrap_or_default();
@@ -174,6 +259,8 @@ pub fn job_json(job: &pb::Job) -> Value {
         "not_before_unix_ms": nonzero(job.not_before_unix_ms),
         "progress": progress_json(&job.progress),
         "retried_from_job_id": (!job.retried_from_job_id.is_empty()).then_some(&job.retried_from_job_id),
+        "parent_job_id": (!job.parent_job_id.is_empty()).then_some(&job.parent_job_id),
+        "result": job.result.as_ref().map(result_json),
         "spec": {
             "executor": executor_name(spec.executor),
             "image": (!spec.image.is_empty()).then_some(&spec.image),
@@ -189,6 +276,8 @@ pub fn job_json(job: &pb::Job) -> Value {
             "lock_key": (!spec.lock_key.is_empty()).then_some(&spec.lock_key),
             "idempotency_key": (!spec.idempotency_key.is_empty()).then_some(&spec.idempotency_key),
             "metadata": spec.metadata,
+            "inputs": spec.inputs.iter().map(input_json).collect::<Vec<_>>(),
+            "artifacts": spec.artifacts,
         },
         "attempts": job.attempts.iter().map(|a| json!({
             "number": a.number,
@@ -240,6 +329,8 @@ pub fn sandbox_json(sb: &pb::Sandbox) -> Value {
             "pull_policy": pull_policy_name(spec.pull_policy),
             "cancel_grace_seconds": spec.cancel_grace_seconds,
             "metadata": spec.metadata,
+            "inputs": spec.inputs.iter().map(input_json).collect::<Vec<_>>(),
+            "artifacts": spec.artifacts,
         },
     })
 }
@@ -311,6 +402,13 @@ pub fn event_json(e: &pb::JobEvent) -> Value {
             "command_id": c.command_id, "number": c.number,
             "status": command_status_name(c.status), "failure_kind": failure_name(c.failure_kind),
             "message": c.message, "exit_code": c.exit_code, "progress": progress_json(&c.progress)}),
+        Some(pb::job_event::Kind::Work(w)) => json!({"type": "work",
+            "kind": w.kind, "message": w.message, "fields": w.fields}),
+        Some(pb::job_event::Kind::Artifact(a)) => json!({"type": "artifact",
+            "name": a.name, "blob": blob_json(a.blob.as_ref()),
+            "error": (!a.error.is_empty()).then_some(&a.error)}),
+        Some(pb::job_event::Kind::Result(r)) => json!({"type": "result",
+            "size": r.size, "content_type": r.content_type}),
         None => json!({"type": "unknown"}),
     };
     if let (Some(v), Some(k)) = (v.as_object_mut(), kind.as_object()) {

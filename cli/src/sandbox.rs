@@ -19,7 +19,7 @@ use crate::{
 /// `gantry sandbox …`.
 pub async fn run(global: &Global, command: SandboxCommand) -> Result<u8> {
     match command {
-        SandboxCommand::Create(a) => create(global, a).await,
+        SandboxCommand::Create(a) => create(global, *a).await,
         SandboxCommand::Ls(a) => list(global, a).await,
         SandboxCommand::Get(a) => get(global, a.id).await,
         SandboxCommand::Rm(a) => rm(global, a).await,
@@ -47,6 +47,8 @@ pub fn create_request(args: &SandboxCreateArgs) -> Result<pb::CreateSandboxReque
         max_lifetime_seconds: args.lifetime.map_or(0, args::seconds_up),
         one_shot: args.one_shot,
         cancel_grace_seconds: args.grace.map_or(0, args::grace_seconds),
+        inputs: args.inputs.clone(),
+        artifacts: args.artifacts.clone(),
         ..Default::default()
     };
     if args.memory.is_some() || args.cpus.is_some() {
@@ -329,6 +331,13 @@ fn print_sandbox(sb: &pb::Sandbox, commands: &[pb::SandboxCommand], output: Outp
     if !spec.lock_key.is_empty() {
         println!("lock:      {}", spec.lock_key);
     }
+    if !spec.inputs.is_empty() {
+        let inputs: Vec<_> = spec.inputs.iter().map(render::input_line).collect();
+        println!("inputs:    {}", inputs.join(", "));
+    }
+    if !spec.artifacts.is_empty() {
+        println!("artifacts: {}", spec.artifacts.join(", "));
+    }
     if !sb.runner_id.is_empty() {
         println!("runner:    {}", sb.runner_id);
     }
@@ -562,7 +571,7 @@ mod tests {
 
     fn create_args(line: &[&str]) -> SandboxCreateArgs {
         match sandbox_command(&[&["create"], line].concat()) {
-            SandboxCommand::Create(a) => a,
+            SandboxCommand::Create(a) => *a,
             other => panic!("not create: {other:?}"),
         }
     }
@@ -644,6 +653,29 @@ mod tests {
         assert!(spec.one_shot);
         assert_eq!(spec.pull_policy, pb::PullPolicy::Always as i32);
         assert_eq!(spec.cancel_grace_seconds, 5);
+    }
+
+    #[test]
+    fn a_sandbox_takes_inputs_and_artifacts() {
+        let request = create_request(&create_args(&[
+            "--input",
+            "in/data.csv=j1:out/data.csv",
+            "--artifact",
+            "results/",
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"));
+        let spec = request.spec.unwrap_or_default();
+        assert_eq!(
+            spec.inputs,
+            [pb::Input {
+                path: "in/data.csv".into(),
+                source: Some(pb::input::Source::Artifact(pb::ArtifactRef {
+                    job_id: "j1".into(),
+                    name: "out/data.csv".into(),
+                })),
+            }]
+        );
+        assert_eq!(spec.artifacts, ["results/"]);
     }
 
     #[test]

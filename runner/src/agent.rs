@@ -53,6 +53,7 @@ use crate::{
     job,
     outbox::Outbox,
     phase::{self, Action, Event, Phase},
+    relay::Relays,
     sandbox,
 };
 
@@ -192,8 +193,33 @@ impl Runner {
         let mut executors: Executors = Vec::new();
         let mut docker = None;
         if config.offers(pb::ExecutorKind::Docker) {
+            let gantry = match config.gantry_binary()? {
+                Some(source) => {
+                    let staged =
+                        DockerExecutor::stage_gantry_binary(&source, &config.state_dir.join("bin"))
+                            .await
+                            .with_context(|| {
+                                format!(
+                                    "copying the gantry binary {} into {}",
+                                    source.display(),
+                                    config.state_dir.display()
+                                )
+                            })?;
+                    tracing::info!(binary = %source.display(), "containers get the gantry binary at {}", crate::executor::docker::GANTRY_IN_CONTAINER);
+                    Some(staged)
+                }
+                None => {
+                    tracing::info!(
+                        "no gantry binary for containers (--gantry-binary, or `gantry` beside the runner): work in containers cannot run `gantry job …` unless its image has it"
+                    );
+                    None
+                }
+            };
             let d = Arc::new(
-                DockerExecutor::connect(Duration::from_secs(config.pull_timeout_seconds)).await?,
+                DockerExecutor::connect(Duration::from_secs(config.pull_timeout_seconds))
+                    .await?
+                    .with_files(gantry, config.state_dir.join("transit"))
+                    .with_max_transit_bytes(config.max_artifact_transit_bytes),
             );
             docker = Some(d.clone());
             executors.push(d);
@@ -243,12 +269,22 @@ impl Runner {
                 tracing::info!(removed, "removed containers left behind by an earlier run");
             }
         }
+        // Work endpoints and files in transit an earlier run left behind (it held no work
+        // that is still this runner's).
+        let relays = Relays::new(channel.clone(), config.state_dir.join("relay"));
+        relays.remove_leftovers().await;
+        match tokio::fs::remove_dir_all(config.state_dir.join("transit")).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "removing files in transit left behind"),
+        }
         let ctx = Arc::new(job::Context {
             outbox: Arc::new(Outbox::new(
                 usize::try_from(config.buffer_bytes).unwrap_or(usize::MAX),
             )),
             executors,
             runner_id: identity.runner_id.clone(),
+            relays,
         });
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         let rules = phase::Rules {
@@ -535,6 +571,7 @@ impl Runner {
     fn on_welcome(&mut self, w: pb::Welcome) {
         self.timing = Timing::from_welcome(&w);
         self.batching.set_limits(w.limits.as_ref());
+        self.ctx.relays.set_limits(w.limits.as_ref());
         self.batching.session_opened(Instant::now());
         self.outbox
             .set_max_log_report(w.limits.as_ref().map_or(0, |l| {
@@ -638,6 +675,7 @@ impl Runner {
             outbox: self.outbox.clone(),
             executors: self.ctx.executors.clone(),
             runner_id: self.identity.runner_id.clone(),
+            relays: self.ctx.relays.clone(),
         });
         self.lose_all_work("the runner registered anew; work held under its old identity is lost");
         Ok(())

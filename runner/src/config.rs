@@ -82,6 +82,21 @@ pub struct Config {
     #[arg(long, env = "GANTRY_RUNNER_BUFFER_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
     pub buffer_bytes: u64,
 
+    /// The `gantry` binary to mount read-only at /usr/local/bin/gantry in every job and
+    /// sandbox container, so that work in any image can run `gantry job …` (it should be
+    /// statically linked; it is copied into the state directory, which the engine must see
+    /// anyway). Default: a file named `gantry` beside this runner's executable, when there
+    /// is one; without one, containers get none.
+    #[arg(long, env = "GANTRY_RUNNER_GANTRY_BINARY")]
+    pub gantry_binary: Option<PathBuf>,
+
+    /// Bytes of artifacts the docker executor reads out of one attempt's container at most
+    /// (into the state directory, before they are stored; a pattern starting with `**` reads
+    /// the whole working directory): the files past it are not stored, and the attempt's
+    /// stderr says so. Default 16 GiB.
+    #[arg(long, env = "GANTRY_RUNNER_MAX_ARTIFACT_TRANSIT_BYTES", default_value_t = crate::executor::docker::DEFAULT_MAX_TRANSIT_BYTES, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_artifact_transit_bytes: u64,
+
     /// Longest wait between reconnect attempts, in milliseconds (the backoff doubles from
     /// 100 ms up to this, with jitter).
     #[arg(long, env = "GANTRY_RUNNER_RECONNECT_MAX_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
@@ -146,6 +161,28 @@ impl Config {
     /// Drain grace.
     pub fn drain_grace(&self) -> Duration {
         Duration::from_secs(self.drain_grace_seconds)
+    }
+
+    /// The `gantry` binary containers get (absolute), if any: `--gantry-binary`, which must
+    /// be a file, else `gantry` beside this executable when it is there.
+    pub fn gantry_binary(&self) -> anyhow::Result<Option<PathBuf>> {
+        match &self.gantry_binary {
+            Some(path) => {
+                let absolute = std::fs::canonicalize(path)
+                    .map_err(|e| anyhow::anyhow!("--gantry-binary {}: {e}", path.display()))?;
+                anyhow::ensure!(
+                    absolute.is_file(),
+                    "--gantry-binary {} is not a file",
+                    path.display()
+                );
+                Ok(Some(absolute))
+            }
+            None => Ok(std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join("gantry")))
+                .filter(|candidate| candidate.is_file())
+                .and_then(|candidate| std::fs::canonicalize(candidate).ok())),
+        }
     }
 
     /// Whether an executor is offered.

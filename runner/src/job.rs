@@ -1,5 +1,7 @@
-//! One attempt on this runner: picks the executor, enforces the timeout, and turns how the
-//! work ended (and why it was stopped, if it was) into the attempt's final status.
+//! One attempt on this runner: serves the work's endpoint ([`crate::relay`]), picks the
+//! executor, enforces the timeout, and turns how the work ended (and why it was stopped, if
+//! it was) into the attempt's final status. (The executor places the inputs and stores the
+//! artifacts, before it returns: the final status is queued only once they are stored.)
 use std::{sync::Arc, time::Duration};
 
 use gantry_proto as pb;
@@ -8,6 +10,7 @@ use tokio::sync::watch;
 use crate::{
     executor::{Executors, Io, Outcome, Stop, StopReason, Work},
     outbox::Outbox,
+    relay::Relays,
 };
 
 /// What a job task needs from the runner.
@@ -18,6 +21,8 @@ pub struct Context {
     pub executors: Executors,
     /// This runner's id.
     pub runner_id: String,
+    /// Where each work's endpoint is served, relayed over the runner's channel.
+    pub relays: Relays,
 }
 
 /// Grace between the stop signal and the kill when the spec names none.
@@ -62,19 +67,53 @@ pub async fn run(
     stop_tx: watch::Sender<Option<Stop>>,
 ) -> Option<pb::JobStatus> {
     let spec = assignment.spec.unwrap_or_default();
+    let relay = ctx.relays.open().await;
     let work = Work {
         job_id: assignment.job_id,
         attempt: assignment.attempt,
         lease_id: assignment.lease_id,
         runner_id: ctx.runner_id.clone(),
         spec,
+        access: ctx
+            .relays
+            .access(assignment.work_token, relay.as_ref().ok()),
     };
     let mut io = Io::new(ctx.outbox.clone(), &work.lease_id, stop_tx.subscribe());
+    let outcome = match &relay {
+        Ok(_) => execute(&ctx, &work, &mut io, &stop_tx).await,
+        Err(e) => Outcome::failed(
+            pb::FailureKind::ExecutorError,
+            format!("cannot serve the work's endpoint: {e}"),
+        ),
+    };
+    if let Ok(relay) = relay {
+        relay.close().await;
+    }
+    let stop = stop_tx.borrow().clone();
+    let status = final_status(outcome, stop.as_ref())?;
+    let reported = pb::JobStatus::try_from(status.status).unwrap_or_default();
+    tracing::info!(
+        job = %work.job_id,
+        attempt = work.attempt,
+        status = reported.as_str_name(),
+        message = %status.message,
+        "attempt ended"
+    );
+    io.finish(status).await;
+    Some(reported)
+}
+
+/// Runs the work on the executor its spec names, within its timeout.
+async fn execute(
+    ctx: &Context,
+    work: &Work,
+    io: &mut Io,
+    stop_tx: &watch::Sender<Option<Stop>>,
+) -> Outcome {
     let kind = pb::ExecutorKind::try_from(work.spec.executor).unwrap_or_default();
     let executor = ctx.executors.iter().find(|e| e.kind() == kind).cloned();
     let timeout = Duration::from_secs(u64::from(work.spec.timeout_seconds));
-
-    let outcome = match executor {
+    match executor {
         None => Outcome::failed(
             pb::FailureKind::InvalidSpec,
             format!(
@@ -83,7 +122,7 @@ pub async fn run(
             ),
         ),
         Some(executor) => {
-            let run = executor.run(&work, &mut io, stop_tx.subscribe());
+            let run = executor.run(work, io, stop_tx.subscribe());
             tokio::pin!(run);
             let deadline = tokio::time::sleep(if timeout.is_zero() {
                 crate::executor::NEVER
@@ -97,7 +136,7 @@ pub async fn run(
                     outcome = &mut run => break outcome,
                     _ = &mut deadline, if !timed_out => {
                         timed_out = true;
-                        request_stop(&stop_tx, Stop {
+                        request_stop(stop_tx, Stop {
                             reason: StopReason::Timeout,
                             grace: grace(&work.spec),
                             message: format!("ran past its timeout of {} s", timeout.as_secs()),
@@ -106,19 +145,7 @@ pub async fn run(
                 }
             }
         }
-    };
-    let stop = stop_tx.borrow().clone();
-    let status = final_status(outcome, stop.as_ref())?;
-    let reported = pb::JobStatus::try_from(status.status).unwrap_or_default();
-    tracing::info!(
-        job = %work.job_id,
-        attempt = work.attempt,
-        status = reported.as_str_name(),
-        message = %status.message,
-        "attempt ended"
-    );
-    io.finish(status).await;
-    Some(reported)
+    }
 }
 
 /// The final status of an attempt from how its work ended and why it was stopped.

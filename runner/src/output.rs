@@ -88,6 +88,11 @@ impl OutputStream {
         out
     }
 
+    /// Whether the next byte starts a line (nothing of a line is stored or held).
+    pub fn at_line_start(&self) -> bool {
+        !self.mid_line && self.held.is_empty()
+    }
+
     /// The stream ended: whatever is held is log (or a progress line without its newline).
     pub fn finish(&mut self) -> Vec<Piece> {
         let line = std::mem::take(&mut self.held);

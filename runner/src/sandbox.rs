@@ -19,15 +19,21 @@
 //!    follows the jobs' rules ([`job::final_status`]): SUCCEEDED, FAILED EXIT_NONZERO,
 //!    FAILED EXECUTOR_ERROR when it could not start, CANCELED after a cancel of its lease,
 //!    TIMED_OUT past its deadline. Its env is the command's (the server merged the
-//!    sandbox's into it) plus `GANTRY_SANDBOX_ID`, `GANTRY_COMMAND_ID`, `GANTRY_RUNNER_ID`.
+//!    sandbox's into it) plus `GANTRY_SANDBOX_ID`, `GANTRY_COMMAND_ID`, `GANTRY_RUNNER_ID`,
+//!    and the sandbox's identity as a job's work has its own: `GANTRY_JOB_ID` (the sandbox
+//!    id, so that `gantry job …` in a command acts on the sandbox), `GANTRY_ATTEMPT`,
+//!    `GANTRY_WORK_TOKEN` and `GANTRY_ENDPOINT` (the sandbox's endpoint, served for its
+//!    whole life: see [`crate::relay`]).
 //! 3. It ends ([`End`]) by its stop request: a cancel of the sandbox's lease (a delete, the
 //!    idle timeout, one-shot) reports CANCELED; its lifetime (`deadline_unix_ms`) TIMED_OUT;
 //!    the runner's drain grace running out SUCCEEDED; a lost lease nothing at all. Or by the
 //!    runner's drain, once the running command has finished: SUCCEEDED. Ending stops the
 //!    running command (graceful signal, then kill after the grace; a deleted sandbox's
 //!    command ends CANCELED "the sandbox is being deleted"), refuses the commands still
-//!    waiting and any that still come, reports REMOVING, removes the workspace, and reports
-//!    the sandbox's final status.
+//!    waiting and any that still come, stores the sandbox's artifacts (unless its lease was
+//!    lost), reports REMOVING, removes the workspace, and reports the sandbox's final status.
+//!
+//! The sandbox's inputs are placed when its workspace is made, before it reports RUNNING.
 //!
 //! A command the agent cannot hand to a sandbox it holds (the runner restarted since, or the
 //! sandbox is ending) ends at once with FAILED EXECUTOR_ERROR on its own lease ([`refuse`]).
@@ -173,12 +179,16 @@ pub async fn run(
         (spec.timeout_seconds > 0)
             .then(|| Instant::now() + Duration::from_secs(u64::from(spec.timeout_seconds)))
     });
+    let relay = ctx.relays.open().await;
     let work = Work {
         job_id: assignment.job_id,
         attempt: assignment.attempt,
         lease_id: assignment.lease_id,
         runner_id: ctx.runner_id.clone(),
         spec,
+        access: ctx
+            .relays
+            .access(assignment.work_token, relay.as_ref().ok()),
     };
     let mut io = Io::new(ctx.outbox.clone(), &work.lease_id, stop.subscribe());
     let mut sandbox = Sandbox {
@@ -196,7 +206,20 @@ pub async fn run(
         ctx,
         work,
     };
-    let end = sandbox.live(&mut io).await;
+    let end = match relay {
+        Ok(relay) => {
+            let end = sandbox.live(&mut io).await;
+            relay.close().await;
+            end
+        }
+        Err(e) => {
+            let failed = Outcome::failed(
+                pb::FailureKind::ExecutorError,
+                format!("cannot serve the sandbox's endpoint: {e}"),
+            );
+            sandbox.end(&mut io, None, End::Failed(failed)).await
+        }
+    };
     let status = end.status()?;
     let reported = pb::JobStatus::try_from(status.status).unwrap_or_default();
     tracing::info!(
@@ -399,21 +422,24 @@ fn command_stop(sandbox: &Stop) -> Stop {
     }
 }
 
-/// The command to run, from what the server sent.
-fn exec_of(command: &pb::ExecCommand, runner_id: &str) -> Exec {
-    const OURS: [&str; 3] = ["GANTRY_SANDBOX_ID", "GANTRY_COMMAND_ID", "GANTRY_RUNNER_ID"];
+/// The command to run, from what the server sent, in `sandbox` (whose commands see its
+/// endpoint as `endpoint`).
+fn exec_of(command: &pb::ExecCommand, sandbox: &Work, endpoint: Option<String>) -> Exec {
+    let mut ours: Vec<(&str, String)> = vec![
+        ("GANTRY_SANDBOX_ID", command.sandbox_id.clone()),
+        ("GANTRY_COMMAND_ID", command.command_id.clone()),
+    ];
+    ours.extend(sandbox.gantry_env(endpoint));
+    // Set by the runner alone, even when it has no value to give.
+    const RESERVED: [&str; 2] = ["GANTRY_WORK_TOKEN", "GANTRY_ENDPOINT"];
     let mut env: Vec<(String, String)> = command
         .env
         .iter()
-        .filter(|(k, _)| !OURS.contains(&k.as_str()))
+        .filter(|(k, _)| !ours.iter().any(|(o, _)| o == k) && !RESERVED.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     env.sort();
-    env.extend(OURS.into_iter().map(str::to_string).zip([
-        command.sandbox_id.clone(),
-        command.command_id.clone(),
-        runner_id.to_string(),
-    ]));
+    env.extend(ours.into_iter().map(|(k, v)| (k.to_string(), v)));
     Exec {
         argv: command.argv.clone(),
         env,
@@ -532,6 +558,11 @@ impl Sandbox {
             }
         }
         if let Some(workspace) = workspace {
+            if !matches!(&end, End::Stopped(stop) if stop.reason == StopReason::LeaseLost) {
+                workspace
+                    .store_artifacts(&self.work, io, self.stop.subscribe())
+                    .await;
+            }
             io.phase(pb::ExecutorPhase::Removing, workspace.id()).await;
             if let Err(e) = workspace.remove().await {
                 tracing::warn!(sandbox = %self.work.job_id, "{e}");
@@ -556,7 +587,7 @@ impl Sandbox {
             timed_out: false,
         });
         let mut io = Io::command(self.ctx.outbox.clone(), &command.lease_id, stop_rx.clone());
-        let exec = exec_of(&command, &self.ctx.runner_id);
+        let exec = exec_of(&command, &self.work, workspace.endpoint());
         tracing::info!(
             sandbox = %self.work.job_id,
             command = %command.command_id,
@@ -800,6 +831,7 @@ mod tests {
     use crate::{
         executor::{Executors, process::ProcessExecutor},
         outbox::Budget,
+        testing::busybox_image,
     };
 
     const RUNNER: &str = "runner-1";
@@ -814,6 +846,13 @@ mod tests {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis());
         i64::try_from(now + d.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// Where a sandbox's WorkService calls go, and as whom.
+    struct Served {
+        channel: tonic::transport::Channel,
+        sandbox_id: String,
+        token: String,
     }
 
     /// A sandbox task, and the server's side of it.
@@ -844,13 +883,34 @@ mod tests {
             deadline_unix_ms: i64,
             draining: Option<String>,
         ) -> Harness {
+            let served = Served {
+                channel: offline_channel(),
+                sandbox_id: uuid(),
+                token: String::new(),
+            };
+            Self::start_full(executors, spec, deadline_unix_ms, draining, served)
+        }
+
+        /// A sandbox whose server's WorkService is behind `served`.
+        fn start_served(executors: Executors, spec: pb::JobSpec, served: Served) -> Harness {
+            Self::start_full(executors, spec, 0, None, served)
+        }
+
+        fn start_full(
+            executors: Executors,
+            spec: pb::JobSpec,
+            deadline_unix_ms: i64,
+            draining: Option<String>,
+            served: Served,
+        ) -> Harness {
             let outbox = Arc::new(Outbox::new(1 << 24));
             let ctx = Arc::new(Context {
                 outbox: outbox.clone(),
                 executors,
                 runner_id: RUNNER.to_string(),
+                relays: crate::relay::Relays::new(served.channel, std::env::temp_dir()),
             });
-            let (sandbox_id, lease) = (uuid(), uuid());
+            let (sandbox_id, lease) = (served.sandbox_id, uuid());
             assert!(outbox.open(&sandbox_id, &lease));
             let assignment = pb::Assignment {
                 job_id: sandbox_id.clone(),
@@ -859,6 +919,7 @@ mod tests {
                 spec: Some(spec),
                 deadline_unix_ms,
                 sandbox: true,
+                work_token: served.token,
                 ..Default::default()
             };
             let (stop, _) = watch::channel(None);
@@ -1092,7 +1153,7 @@ mod tests {
         h.end_of(&env).await;
         assert_eq!(
             h.output(&env, pb::LogStream::Stdout),
-            format!("{} cmd-7 {RUNNER} bar\n", h.sandbox_id)
+            format!("{0} cmd-7 {RUNNER} bar {0}\n", h.sandbox_id)
         );
         h.end_of(&input).await;
         assert_eq!(
@@ -1500,8 +1561,13 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_commands_environment_ends_with_the_runners_variables() {
+    /// A channel to nowhere, for work that makes no call.
+    fn offline_channel() -> tonic::transport::Channel {
+        tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy()
+    }
+
+    #[tokio::test]
+    async fn a_commands_environment_ends_with_the_runners_variables() {
         let command = pb::ExecCommand {
             sandbox_id: "s".into(),
             command_id: "c".into(),
@@ -1509,11 +1575,24 @@ mod tests {
                 ("B".to_string(), "2".to_string()),
                 ("A".to_string(), "1".to_string()),
                 ("GANTRY_RUNNER_ID".to_string(), "forged".to_string()),
+                ("GANTRY_ENDPOINT".to_string(), "forged".to_string()),
             ]),
             argv: vec!["true".into()],
             ..Default::default()
         };
-        let exec = exec_of(&command, "r");
+        let sandbox = Work {
+            job_id: "s".into(),
+            attempt: 1,
+            lease_id: "l".into(),
+            runner_id: "r".into(),
+            spec: pb::JobSpec::default(),
+            access: crate::relay::Access::offline("gwt_t"),
+        };
+        let exec = exec_of(
+            &command,
+            &sandbox,
+            Some("unix:///run/gantry/gantry.sock".into()),
+        );
         let env: Vec<(&str, &str)> = exec
             .env
             .iter()
@@ -1526,10 +1605,15 @@ mod tests {
                 ("B", "2"),
                 ("GANTRY_SANDBOX_ID", "s"),
                 ("GANTRY_COMMAND_ID", "c"),
-                ("GANTRY_RUNNER_ID", "r")
+                ("GANTRY_JOB_ID", "s"),
+                ("GANTRY_ATTEMPT", "1"),
+                ("GANTRY_RUNNER_ID", "r"),
+                ("GANTRY_WORK_TOKEN", "gwt_t"),
+                ("GANTRY_ENDPOINT", "unix:///run/gantry/gantry.sock"),
             ]
         );
         assert_eq!(exec.working_dir, None);
+        assert!(!format!("{exec:?}").contains("gwt_t"));
     }
 
     #[tokio::test]
@@ -1545,46 +1629,81 @@ mod tests {
         assert!(job_scratch.exists());
     }
 
-    /// The e2e tests' image: `FROM scratch` with a static busybox (`GANTRY_TEST_BUSYBOX`)
-    /// and the same applets (no `setsid` among them), built locally.
-    async fn busybox_image() -> String {
-        let busybox = std::env::var_os("GANTRY_TEST_BUSYBOX")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-        assert!(
-            busybox.exists(),
-            "set GANTRY_TEST_BUSYBOX to a static busybox ({} is missing)",
-            busybox.display()
+    /// A sandbox with inputs and artifacts, on `executors`, its server the fake WorkService:
+    /// the inputs are there for its first command, the artifacts stored when it ends.
+    async fn sandbox_files(executors: Executors, mut spec: pb::JobSpec) {
+        use crate::testing::{FakeInput, FakeServer, TOKEN, blob_of};
+        let sandbox_id = uuid();
+        let server =
+            FakeServer::start(&sandbox_id, vec![FakeInput::Bytes(b"input bytes".to_vec())]).await;
+        spec.inputs = vec![pb::Input {
+            path: "in/data.txt".into(),
+            source: Some(pb::input::Source::BlobDigest(
+                blob_of(b"input bytes").digest,
+            )),
+        }];
+        spec.artifacts = vec!["out.txt".into(), "none".into()];
+        let served = Served {
+            channel: server.channel.clone(),
+            sandbox_id: sandbox_id.clone(),
+            token: TOKEN.to_string(),
+        };
+        let mut h = Harness::start_served(executors, spec, served);
+        h.running(&h.lease.clone()).await;
+        let command = h.exec(
+            &[
+                "sh",
+                "-c",
+                "cat in/data.txt; cp in/data.txt out.txt; echo \" $GANTRY_JOB_ID $GANTRY_WORK_TOKEN\"; \
+                 test -S \"${GANTRY_ENDPOINT#unix://}\" && echo socket",
+            ],
+            |_| {},
         );
-        let ctx = tempfile::tempdir().expect("build context");
-        let bin = ctx.path().join("bin");
-        std::fs::create_dir(&bin).expect("bin dir");
-        std::fs::copy(&busybox, bin.join("busybox")).expect("copy busybox");
-        for applet in [
-            "sh", "sleep", "echo", "cat", "printf", "seq", "head", "tail", "true", "false", "env",
-            "ls", "touch", "test", "[", "kill", "wc", "yes", "tr", "pwd",
-        ] {
-            std::os::unix::fs::symlink("busybox", bin.join(applet)).expect("applet link");
-        }
-        std::fs::write(
-            ctx.path().join("Dockerfile"),
-            "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\nCMD [\"sh\"]\n",
-        )
-        .expect("Dockerfile");
-        let name = "gantry-runner-test/busybox:1".to_string();
-        let out = tokio::process::Command::new("docker")
-            .args(["build", "-q", "-t", &name])
-            .arg(ctx.path())
-            .env("DOCKER_BUILDKIT", "0")
-            .output()
+        let s = h.end_of(&command).await;
+        assert_eq!(status_of(&s).0, pb::JobStatus::Succeeded, "{s:?}");
+        assert_eq!(
+            h.output(&command, pb::LogStream::Stdout),
+            format!("input bytes {sandbox_id} {TOKEN}\nsocket\n")
+        );
+        assert!(server.seen().artifacts.is_empty(), "stored when it ends");
+        h.stop(StopReason::Cancel, "canceled: deleted");
+        let (status, h) = h.ended().await;
+        assert_eq!(status, Some(pb::JobStatus::Canceled));
+        assert_eq!(
+            server.seen().artifacts.get("out.txt").map(Vec::as_slice),
+            Some(&b"input bytes"[..])
+        );
+        assert_eq!(
+            h.output(&h.lease, pb::LogStream::Stderr),
+            "gantry: artifact path \"none\" matched nothing\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_process_sandbox_has_its_inputs_and_stores_its_artifacts() {
+        let root = tempfile::tempdir().expect("tempdir");
+        sandbox_files(process_executors(root.path()), process_spec()).await;
+    }
+
+    /// Needs the Docker engine and a static busybox (GANTRY_TEST_BUSYBOX).
+    #[tokio::test]
+    async fn a_docker_sandbox_has_its_inputs_and_stores_its_artifacts() {
+        use crate::executor::docker::DockerExecutor;
+        let image = busybox_image().await;
+        let transit = tempfile::tempdir().expect("tempdir");
+        let docker = DockerExecutor::connect(Duration::from_secs(60))
             .await
-            .expect("run docker build");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        name
+            .expect("a Docker engine")
+            .with_files(None, transit.path().to_path_buf());
+        let spec = pb::JobSpec {
+            executor: pb::ExecutorKind::Docker as i32,
+            image,
+            pull_policy: pb::PullPolicy::Never as i32,
+            working_dir: "/work".to_string(),
+            cancel_grace_seconds: 1,
+            ..Default::default()
+        };
+        sandbox_files(vec![Arc::new(docker)], spec).await;
     }
 
     /// Needs the Docker engine and a static busybox (GANTRY_TEST_BUSYBOX; scripts/test.sh

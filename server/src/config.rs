@@ -101,6 +101,63 @@ pub struct Config {
     #[arg(long, env = "GANTRY_SQLITE_SYNCHRONOUS", value_enum, default_value_t = SqliteSync::Full)]
     pub sqlite_synchronous: SqliteSync,
 
+    /// Directory of the local blob store (artifacts, uploaded inputs). Default: beside a
+    /// SQLite database file (`<file>.blobs`), else `gantry-blobs`. Not used with --s3-bucket.
+    #[arg(long, env = "GANTRY_BLOB_DIR")]
+    pub blob_dir: Option<PathBuf>,
+
+    /// Keep blobs in this bucket of an S3-compatible object store instead of a local
+    /// directory (what several replicas need).
+    #[arg(long, env = "GANTRY_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Endpoint URL of the S3-compatible store (e.g. `http://minio:9000`); empty for AWS.
+    #[arg(long, env = "GANTRY_S3_ENDPOINT", default_value = "")]
+    pub s3_endpoint: String,
+
+    /// Region of the bucket.
+    #[arg(long, env = "GANTRY_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// Access key id for the S3-compatible store.
+    #[arg(
+        long,
+        env = "GANTRY_S3_ACCESS_KEY_ID",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub s3_access_key_id: String,
+
+    /// Secret access key for the S3-compatible store (prefer the environment variable).
+    #[arg(
+        long,
+        env = "GANTRY_S3_SECRET_ACCESS_KEY",
+        default_value = "",
+        hide_env_values = true
+    )]
+    pub s3_secret_access_key: String,
+
+    /// Largest job result (WorkService.SetResult), bytes. At most 16 MiB; lowered to
+    /// --max-message-bytes less 4 KiB when that is smaller.
+    #[arg(long, env = "GANTRY_MAX_RESULT_BYTES", default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(0..=16 * 1024 * 1024))]
+    pub max_result_bytes: u64,
+
+    /// Largest artifact or uploaded blob, bytes; 0 for no limit. Default: 5 GiB (an S3
+    /// store cannot address larger ones: it moves an upload to its address with one
+    /// CopyObject, which AWS limits to 5 GiB).
+    #[arg(long, env = "GANTRY_MAX_ARTIFACT_BYTES", default_value_t = 5 << 30)]
+    pub max_artifact_bytes: u64,
+
+    /// Artifacts kept per job; 0 for no limit.
+    #[arg(long, env = "GANTRY_MAX_ARTIFACTS_PER_JOB", default_value_t = 1000)]
+    pub max_artifacts_per_job: u64,
+
+    /// Blobs nothing names — no artifact, no job's input (an upload never used, the
+    /// artifacts of a deleted job) — are removed this many seconds after their last upload;
+    /// 0 keeps them. Default: 7 days.
+    #[arg(long, env = "GANTRY_BLOB_GRACE_SECONDS", default_value_t = 604800)]
+    pub blob_grace_seconds: u64,
+
     /// How far this host's clock is off, in ms: a stand-in, for tests, for a host whose clock
     /// is wrong (a fault no test can cause on the real clock). Not a command-line option.
     #[arg(skip)]
@@ -108,6 +165,45 @@ pub struct Config {
 }
 
 impl Config {
+    /// The S3 settings, when a bucket is configured.
+    pub fn s3(&self) -> Option<crate::blobs::S3Settings> {
+        self.s3_bucket
+            .as_ref()
+            .map(|bucket| crate::blobs::S3Settings {
+                endpoint: self.s3_endpoint.clone(),
+                bucket: bucket.clone(),
+                region: self.s3_region.clone(),
+                access_key_id: self.s3_access_key_id.clone(),
+                secret_access_key: self.s3_secret_access_key.clone(),
+            })
+    }
+
+    /// The local blob directory: `--blob-dir`, else beside a SQLite database file, else
+    /// `gantry-blobs`.
+    pub fn local_blob_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.blob_dir {
+            return dir.clone();
+        }
+        let file = self
+            .database_url
+            .strip_prefix("sqlite://")
+            .map(|rest| rest.split('?').next().unwrap_or(rest))
+            .filter(|path| !path.is_empty() && !path.starts_with(':'));
+        match file {
+            Some(path) => PathBuf::from(format!("{path}.blobs")),
+            None => PathBuf::from("gantry-blobs"),
+        }
+    }
+
+    /// The limits on stored data.
+    pub fn data_limits(&self) -> crate::work::artifacts::Limits {
+        crate::work::artifacts::Limits {
+            max_artifact_bytes: self.max_artifact_bytes,
+            max_artifacts_per_job: self.max_artifacts_per_job,
+            max_result_bytes: self.max_result_bytes,
+        }
+    }
+
     /// A configuration with every default, for embedding and tests.
     /// The environment is not read: an embedding program (`gantry dev`, the tests) says
     /// everything that differs from the defaults.

@@ -28,6 +28,7 @@ use crate::{
     jobs::state,
     locks,
     store::entity::{job, runner},
+    work,
 };
 
 /// Claim transactions in flight at once on PostgreSQL.
@@ -40,8 +41,9 @@ const WINDOW_SLACK: u64 = 16;
 /// Candidates one claim transaction looks at, at most: further windows find jobs behind
 /// ones that no waiting runner can take (label matching in SQL is on the roadmap).
 const MAX_CANDIDATES: u64 = 1024;
-/// Bytes of an assignment besides its spec (ids, times, framing), counted generously.
-const ASSIGNMENT_OVERHEAD: usize = 256;
+/// Bytes of an assignment besides its spec (ids, work token, times, framing), counted
+/// generously.
+const ASSIGNMENT_OVERHEAD: usize = 384;
 
 /// A claim: the runner, and how many jobs it asks for at most.
 pub type Want = (Uuid, usize);
@@ -268,6 +270,8 @@ async fn claim_for(
             // Read just now in this transaction (and locked on PostgreSQL): no second read.
             lc.adopt_job(candidate);
             lc.apply(decision)?;
+            let (work_token, hash) = work::token::issue(lease);
+            lc.set_work_token_hash(lease, hash);
             taker.got.push(pb::Assignment {
                 job_id: job_id.to_string(),
                 lease_id: lease.to_string(),
@@ -276,6 +280,7 @@ async fn claim_for(
                 lease_expires_at_unix_ms: start.lease_expires_at,
                 deadline_unix_ms: start.deadline_at,
                 sandbox,
+                work_token,
             });
             taker.bytes_left = taker.bytes_left.saturating_sub(size);
             taker.room -= 1;

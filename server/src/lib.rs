@@ -1,12 +1,14 @@
 //! gantry-server: the gRPC job server.
 //!
-//! [`start`] opens the database (running migrations), starts the background tasks (report
-//! ingester, reaper, health prober, replica notifications on PostgreSQL) and serves
-//! `gantry.v1.{JobService, RunnerService, AdminService}`, `grpc.health.v1.Health` and server
-//! reflection on a listener. [`RunningServer::shutdown`] stops it gracefully: followers and
-//! sessions end, in-flight calls finish, the pool closes.
+//! [`start`] opens the database (running migrations) and the blob store, starts the
+//! background tasks (report ingester, reaper, health prober, replica notifications on
+//! PostgreSQL) and serves `gantry.v1.{JobService, RunnerService, AdminService,
+//! SandboxService, WorkService}`, `grpc.health.v1.Health` and server reflection on a
+//! listener. [`RunningServer::shutdown`] stops it gracefully: followers and sessions end,
+//! in-flight calls finish, the pool closes.
 pub mod auth;
 pub mod batch;
+pub mod blobs;
 pub mod capacity;
 pub mod clock;
 pub mod commands;
@@ -27,6 +29,7 @@ pub mod service;
 pub mod signals;
 pub mod stats;
 pub mod store;
+pub mod work;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -61,6 +64,8 @@ pub struct App {
     pub heartbeats: runners::heartbeats::Heartbeats,
     /// The group-committing session opener.
     pub openings: runners::sessions::Openings,
+    /// Where blob bytes (artifacts, uploaded inputs) are.
+    pub blobs: blobs::BlobStore,
     /// Becomes `true` when the server is stopping; long-lived streams end on it.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -195,6 +200,24 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
             .context("reading the database's clock")?;
         tracing::info!(offset_ms = offset, "clock follows the database's");
     }
+    // A result travels in one message: it is at most the message limit less some room.
+    let most_result = u64::from(config.max_message_bytes).saturating_sub(4096);
+    if config.max_result_bytes > most_result {
+        tracing::info!(
+            max_result_bytes = most_result,
+            "--max-result-bytes lowered to fit within --max-message-bytes"
+        );
+        config.max_result_bytes = most_result;
+    }
+    let blobs = match config.s3() {
+        Some(s3) => blobs::BlobStore::s3(&s3).context("configuring the S3 blob store")?,
+        None => {
+            let dir = config.local_blob_dir();
+            blobs::BlobStore::local(&dir)
+                .with_context(|| format!("opening the blob directory {}", dir.display()))?
+        }
+    };
+    tracing::info!(store = blobs.describe(), "blob store");
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (ingester, ingest_rx) = reports::Ingester::channel(1024);
     let (submitter, submit_rx) = jobs::submit::Submitter::channel(4096);
@@ -224,6 +247,7 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         claimer,
         heartbeats,
         openings,
+        blobs: blobs.clone(),
         shutdown: shutdown_rx.clone(),
     };
     reports::start(env.clone(), ingest_rx);
@@ -237,6 +261,9 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
         timeout_grace_ms: i64::from(config.timeout_grace_seconds) * 1000,
         retention_ms: i64::try_from(config.retention_seconds.saturating_mul(1000))
             .unwrap_or(i64::MAX),
+        blob_grace_ms: i64::try_from(config.blob_grace_seconds.saturating_mul(1000))
+            .unwrap_or(i64::MAX),
+        blobs,
     };
     let mut tasks = vec![tokio::spawn(reaper::run(
         env.clone(),
@@ -328,6 +355,10 @@ pub async fn start(mut config: Config, listener: TcpListener) -> anyhow::Result<
                 app.clone(),
             ))
             .max_decoding_message_size(limit),
+        )
+        .add_service(
+            pb::work_service_server::WorkServiceServer::new(service::work::WorkApi(app.clone()))
+                .max_decoding_message_size(limit),
         );
     let mut stop = shutdown_rx;
     // No Nagle: a session's small frames (an assignment, a cancel, an ack) go out at once

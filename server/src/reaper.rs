@@ -36,7 +36,7 @@ use crate::{
 const REAP_BATCH: u64 = 256;
 
 /// What the reaper is told by the configuration.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     /// Between passes.
     pub interval: Duration,
@@ -44,6 +44,10 @@ pub struct Settings {
     pub timeout_grace_ms: i64,
     /// Terminal jobs and gone runners older than this are deleted, ms (0: never).
     pub retention_ms: i64,
+    /// Blobs no artifact names are deleted this long after their last use, ms (0: never).
+    pub blob_grace_ms: i64,
+    /// Where blob bytes are.
+    pub blobs: crate::blobs::BlobStore,
 }
 
 /// Runs the reaper until shutdown.
@@ -220,6 +224,10 @@ async fn retain(env: &Env, settings: &Settings, now: i64) -> Result<()> {
         let horizon = now.saturating_sub(settings.retention_ms);
         retention::purge_finished_before(&env.store, horizon).await?;
         retention::purge_runners_gone_before(&env.store, horizon).await?;
+    }
+    if settings.blob_grace_ms > 0 {
+        let horizon = now.saturating_sub(settings.blob_grace_ms);
+        crate::work::artifacts::purge_unreferenced(&env.store, &settings.blobs, horizon).await?;
     }
     Ok(())
 }

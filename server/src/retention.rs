@@ -1,7 +1,8 @@
 //! Retention: terminal jobs older than `--retention-seconds` are deleted with everything they
-//! own (attempts, events, log chunks, labels, a lock row left behind), and runners OFFLINE
-//! for that long and holding nothing are deleted with their commands. A deleted runner's
-//! credential is refused (UNAUTHENTICATED), so it registers again.
+//! own (attempts, events, log chunks, labels, artifacts, results, a lock row left behind),
+//! and runners OFFLINE for that long and holding nothing are deleted with their commands. A
+//! deleted runner's credential is refused (UNAUTHENTICATED), so it registers again. Blobs go
+//! once nothing names them (`work::artifacts::purge_unreferenced`).
 use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QuerySelect};
 use uuid::Uuid;
 
@@ -11,7 +12,8 @@ use crate::{
     store::{
         Store,
         entity::{
-            attempt, command, event, job, job_label, log_chunk, runner, sandbox, sandbox_command,
+            artifact, attempt, command, event, job, job_input, job_label, job_result, log_chunk,
+            runner, sandbox, sandbox_command,
         },
     },
 };
@@ -50,6 +52,19 @@ pub async fn purge_finished_before(store: &Store, horizon: i64) -> Result<u64> {
         .await?;
     job_label::Entity::delete_many()
         .filter(job_label::Column::JobId.is_in(ids.clone()))
+        .exec(txn)
+        .await?;
+    // Their artifacts' blobs go later, once nothing names them (see `work::artifacts`).
+    artifact::Entity::delete_many()
+        .filter(artifact::Column::JobId.is_in(ids.clone()))
+        .exec(txn)
+        .await?;
+    job_result::Entity::delete_many()
+        .filter(job_result::Column::JobId.is_in(ids.clone()))
+        .exec(txn)
+        .await?;
+    job_input::Entity::delete_many()
+        .filter(job_input::Column::JobId.is_in(ids.clone()))
         .exec(txn)
         .await?;
     sandbox_command::Entity::delete_many()

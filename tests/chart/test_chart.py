@@ -4,7 +4,8 @@ Helm's own Go engine (helm-python-sdk) lints and renders the chart with the defa
 and with every value set in tests/chart/values/; every rendered object is validated against
 the strict Kubernetes schemas (kubernetes-validate, offline) of each Kubernetes version the
 chart declares; then the properties an operator relies on are asserted: probes on the right
-port, secrets never inlined, SQLite never run twice, non-root containers, labels, NOTES.
+port, secrets never inlined, SQLite and a local blob store never used by two servers, job
+sockets where the Docker engine finds them, non-root containers, labels, NOTES.
 """
 
 from __future__ import annotations
@@ -155,10 +156,8 @@ def test_validated_versions_are_shipped_and_match_chart_kube_version() -> None:
     assert minors == list(range(minors[0], minors[-1] + 1)), "validated versions have a gap"
 
 
-@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
-@pytest.mark.parametrize("name", VALUE_SETS)
-def test_every_manifest_validates_strictly(name: str, kube_version: str) -> None:
-    docs = objects(name)
+def assert_valid(docs: list[dict[str, Any]], kube_version: str) -> None:
+    """Every object passes the strict schemas of that Kubernetes version."""
     assert docs
     for doc in docs:
         what = f"{doc['kind']}/{doc['metadata']['name']}"
@@ -169,6 +168,12 @@ def test_every_manifest_validates_strictly(name: str, kube_version: str) -> None
             pytest.fail(f"{what} is invalid for Kubernetes {kube_version}: {path}: {e.message}")
         except kubernetes_validate.SchemaNotFoundError as e:
             pytest.fail(f"{what}: {e.message}")
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_manifest_validates_strictly(name: str, kube_version: str) -> None:
+    assert_valid(objects(name), kube_version)
 
 
 # --- The values schema ----------------------------------------------------------------------
@@ -267,6 +272,23 @@ def test_every_value_in_values_yaml_has_a_comment() -> None:
             {"database": {"sqlite": {"persistence": {"accessModes": ["ReadWriteMany"]}}}},
             "/database/sqlite/persistence/accessModes",
         ),
+        ({"blobs": {"type": "gcs"}}, "/blobs/type"),
+        ({"blobs": {"s3": {"acessKeyId": "x"}}}, "acessKeyId"),
+        ({"blobs": {"s3": {"bucket": "My_Bucket"}}}, "/blobs/s3/bucket"),
+        ({"blobs": {"s3": {"endpoint": "minio:9000"}}}, "/blobs/s3/endpoint"),
+        ({"blobs": {"s3": {"region": ""}}}, "/blobs/s3/region"),
+        ({"blobs": {"s3": {"accessKeyIdKey": "a key"}}}, "/blobs/s3/accessKeyIdKey"),
+        ({"blobs": {"maxResultBytes": 16 * 1024 * 1024 + 1}}, "/blobs/maxResultBytes"),
+        ({"blobs": {"maxArtifactBytes": -1}}, "/blobs/maxArtifactBytes"),
+        ({"blobs": {"maxArtifactsPerJob": "1000"}}, "/blobs/maxArtifactsPerJob"),
+        ({"blobs": {"blobGraceSeconds": 1.5}}, "/blobs/blobGraceSeconds"),
+        (
+            # A shared volume does not make a local store safe for several servers.
+            {"blobs": {"local": {"persistence": {"accessModes": ["ReadWriteMany"]}}}},
+            "/blobs/local/persistence/accessModes",
+        ),
+        ({"runner": {"docker": {"stateDir": "var/lib/gantry-runner"}}}, "/runner/docker/stateDir"),
+        ({"runner": {"docker": {"stateDir": "/srv/" + "x" * 28}}}, "/runner/docker/stateDir"),
     ],
 )
 def test_schema_rejects_typos_and_bad_values(values: dict[str, Any], needle: str) -> None:
@@ -286,11 +308,35 @@ def test_sqlite_with_two_server_replicas_is_refused() -> None:
     assert "database.type: postgresql" in message, message
 
 
+POSTGRESQL = {"type": "postgresql", "postgresql": {"url": "postgres://g:pw@db:5432/gantry"}}
+
+
+@pytest.mark.parametrize("persistence", [{}, {"enabled": False}, {"existingClaim": "shared"}])
+def test_a_local_blob_store_with_two_server_replicas_is_refused(persistence: dict[str, Any]) -> None:
+    message = refused({"database": POSTGRESQL, "server": {"replicas": 2},
+                       "blobs": {"local": {"persistence": persistence}}})
+    assert "server.replicas is 2" in message, message
+    assert 'blobs.type is "local"' in message, message
+    assert "exactly one server" in message, message
+    assert "blobs.type: s3" in message, message
+
+
 @pytest.mark.parametrize(
     ("values", "needles"),
     [
         ({"database": {"type": "postgresql"}},
          ["database.postgresql.url", "database.postgresql.existingSecret"]),
+        ({"blobs": {"type": "s3", "s3": {"existingSecret": "s3-creds"}}}, ["blobs.s3.bucket"]),
+        ({"blobs": {"type": "s3", "s3": {"bucket": "bkt"}}},
+         ["blobs.s3.existingSecret", "blobs.s3.accessKeyId", "blobs.s3.secretAccessKey"]),
+        ({"blobs": {"type": "s3", "s3": {"bucket": "bkt", "accessKeyId": "AKIA0"}}},
+         ["blobs.s3.secretAccessKey"]),
+        # The server's message limit (4 MiB by default) must hold a result and 4 KiB more.
+        ({"blobs": {"maxResultBytes": 4 * 1024 * 1024}},
+         ["blobs.maxResultBytes is 4194304", "GANTRY_MAX_MESSAGE_BYTES", "at most 4190208"]),
+        ({"blobs": {"maxResultBytes": 8 * 1024 * 1024},
+          "server": {"extraEnv": [{"name": "GANTRY_MAX_MESSAGE_BYTES", "value": "8388608"}]}},
+         ["blobs.maxResultBytes is 8388608", "is 8388608", "at most 8384512"]),
         ({"tls": {"enabled": True}}, ["tls.secretName"]),
         ({"runner": {"docker": {"mode": "none"}}}, ["runner.docker.mode", "executors"]),
     ],
@@ -299,6 +345,14 @@ def test_inconsistent_values_are_refused_by_name(values: dict[str, Any], needles
     message = refused(values)
     for needle in needles:
         assert needle in message, message
+
+
+def test_result_limit_checks_stop_where_the_chart_cannot_see_the_message_limit() -> None:
+    # Just within the default message limit; a limit from a Secret is not checked.
+    render({"blobs": {"maxResultBytes": 4 * 1024 * 1024 - 4096}})
+    from_secret = {"name": "GANTRY_MAX_MESSAGE_BYTES",
+                   "valueFrom": {"secretKeyRef": {"name": "limits", "key": "message"}}}
+    render({"blobs": {"maxResultBytes": 16 * 1024 * 1024}, "server": {"extraEnv": [from_secret]}})
 
 
 def test_process_only_runner_needs_no_engine() -> None:
@@ -395,7 +449,7 @@ def test_existing_secrets_are_referenced_and_never_inlined() -> None:
     text = "\n".join(rendered.values())
     # Not in clear, not in base64, not hashed into an annotation.
     for sentinel in ("SENTINEL-registration-token-in-values", "SENTINEL-api-token-in-values",
-                     "SENTINEL-password", "SENTINEL"):
+                     "SENTINEL-password", "SENTINEL-s3-key-id", "SENTINEL-s3-secret", "SENTINEL"):
         assert sentinel not in text
         assert base64.b64encode(sentinel.encode()).decode()[:12] not in text
     docs = objects_of(rendered)
@@ -530,6 +584,133 @@ def test_topology_spread_defaults_to_the_component_pods() -> None:
     assert constraint["labelSelector"]["matchLabels"] == s["spec"]["selector"]["matchLabels"]
 
 
+# --- Blobs (artifacts and uploaded inputs) ----------------------------------------------------
+
+
+def blob_env(e: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in e.items() if k.startswith(("GANTRY_S3_", "GANTRY_BLOB_DIR"))}
+
+
+def test_sqlite_keeps_local_blobs_beside_the_database() -> None:
+    """Where gantry-server puts them by default: <database file>.blobs, on the database's
+    claim; no second volume, no S3 settings."""
+    docs = objects("default")
+    s = server(docs)
+    c = container(s, "server")
+    e = env(c)
+    assert blob_env(e) == {"GANTRY_BLOB_DIR": "/var/lib/gantry/gantry.db.blobs"}
+    database_file = e["GANTRY_DATABASE_URL"].removeprefix("sqlite://").split("?")[0]
+    assert e["GANTRY_BLOB_DIR"] == f"{database_file}.blobs"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert e["GANTRY_BLOB_DIR"].startswith("/var/lib/gantry/") and mounts["/var/lib/gantry"] == "data"
+    assert {v["name"] for v in pod_spec(s)["volumes"]} == {"tmp", "data"}
+    assert [p["metadata"]["name"] for p in kinds(docs, "PersistentVolumeClaim")] == [f"{FULLNAME}-data"]
+    assert [x["metadata"]["name"] for x in kinds(docs, "Secret")] == [f"{FULLNAME}-auth"]
+    assert s["spec"]["strategy"] == {"type": "Recreate"}
+    # The server's defaults, passed as plain integers.
+    assert e["GANTRY_MAX_RESULT_BYTES"] == "1048576"
+    assert e["GANTRY_MAX_ARTIFACT_BYTES"] == "5368709120"
+    assert e["GANTRY_MAX_ARTIFACTS_PER_JOB"] == "1000"
+    assert e["GANTRY_BLOB_GRACE_SECONDS"] == "604800"
+    assert "Blobs    /var/lib/gantry/gantry.db.blobs on the database's volume" in notes("default")
+
+
+def test_postgresql_with_local_blobs_gets_a_claim_mounted_at_the_blob_dir() -> None:
+    docs = objects("postgresql-local-blobs")
+    claim = find(docs, "PersistentVolumeClaim", f"{FULLNAME}-blobs")
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "200Gi"
+    assert claim["metadata"]["annotations"] == {"backup.example/policy": "daily",
+                                                "helm.sh/resource-policy": "keep"}
+    assert claim["metadata"]["labels"]["app.kubernetes.io/component"] == "server"
+    assert len(kinds(docs, "PersistentVolumeClaim")) == 1, "no SQLite claim with PostgreSQL"
+    s = server(docs)
+    # One directory of one server: never two pods at once, even during a rollout.
+    assert s["spec"]["replicas"] == 1
+    assert s["spec"]["strategy"] == {"type": "Recreate"}
+    c = container(s, "server")
+    e = env(c)
+    assert blob_env(e) == {"GANTRY_BLOB_DIR": "/var/lib/gantry/blobs"}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == e["GANTRY_BLOB_DIR"])
+    volumes = {v["name"]: v for v in pod_spec(s)["volumes"]}
+    assert volumes[mount["name"]] == {"name": "blobs",
+                                      "persistentVolumeClaim": {"claimName": f"{FULLNAME}-blobs"}}
+    assert "data" not in volumes
+    assert e["GANTRY_MAX_RESULT_BYTES"] == "6291456"
+    assert "Blobs    /var/lib/gantry/blobs on the claim demo-gantry-blobs" in notes("postgresql-local-blobs")
+
+
+@pytest.mark.parametrize(
+    ("persistence", "volume"),
+    [
+        ({"existingClaim": "artifacts-old"}, {"persistentVolumeClaim": {"claimName": "artifacts-old"}}),
+        ({"enabled": False}, {"emptyDir": {}}),
+    ],
+)
+def test_postgresql_local_blobs_on_an_existing_claim_or_an_empty_dir(
+    persistence: dict[str, Any], volume: dict[str, Any]
+) -> None:
+    rendered = render({"database": POSTGRESQL, "blobs": {"local": {"persistence": persistence}}})
+    docs = objects_of(rendered)
+    for kube_version in (KUBE_VERSIONS[0], KUBE_VERSIONS[-1]):
+        assert_valid(docs, kube_version)
+    assert kinds(docs, "PersistentVolumeClaim") == []
+    volumes = {v["name"]: v for v in pod_spec(server(docs))["volumes"]}
+    assert volumes["blobs"] == {"name": "blobs", **volume}
+    text = next(t for p, t in rendered.items() if p.endswith("NOTES.txt"))
+    assert ("blobs.local.persistence.enabled is false" in text) == ("emptyDir" in volume)
+
+
+def test_s3_blobs_take_credentials_from_the_chart_secret() -> None:
+    rendered = rendered_set("postgresql-3-replicas")
+    docs = objects_of(rendered)
+    assert secret_data(docs, f"{FULLNAME}-s3") == {
+        "access-key-id": "s3-inline-key-id",
+        "secret-access-key": "s3-inline-secret",
+    }
+    assert "s3-inline-secret" not in "\n".join(rendered.values())  # only base64, in the Secret
+    s = server(docs)
+    e = env(container(s, "server"))
+    assert blob_env(e) == {
+        "GANTRY_S3_BUCKET": "gantry-artifacts",
+        "GANTRY_S3_ENDPOINT": "http://minio.storage.svc:9000",
+        "GANTRY_S3_REGION": "eu-west-1",
+        "GANTRY_S3_ACCESS_KEY_ID": {"secretKeyRef": {"name": f"{FULLNAME}-s3", "key": "access-key-id"}},
+        "GANTRY_S3_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": f"{FULLNAME}-s3", "key": "secret-access-key"}},
+    }
+    # No blob volume: every replica uses the bucket.
+    assert {v["name"] for v in pod_spec(s)["volumes"]} == {"tmp"}
+    assert kinds(docs, "PersistentVolumeClaim") == []
+    assert s["spec"]["strategy"]["type"] == "RollingUpdate"
+    # New credentials in the values restart the servers.
+    annotations = s["spec"]["template"]["metadata"]["annotations"]
+    assert re.fullmatch(r"[0-9a-f]{64}", annotations["checksum/s3"])
+    # Large numbers stay plain integers.
+    assert e["GANTRY_MAX_ARTIFACT_BYTES"] == "53687091200"
+    assert e["GANTRY_MAX_RESULT_BYTES"] == "2097152"
+    assert e["GANTRY_MAX_ARTIFACTS_PER_JOB"] == "50"
+    assert e["GANTRY_BLOB_GRACE_SECONDS"] == "0"
+    assert "Blobs    S3 bucket gantry-artifacts at http://minio.storage.svc:9000" in notes("postgresql-3-replicas")
+
+
+def test_s3_credentials_from_an_existing_secret() -> None:
+    docs = objects("existing-secrets")
+    s = server(docs)
+    e = env(container(s, "server"))
+    assert blob_env(e) == {
+        # AWS S3: no endpoint, the default region.
+        "GANTRY_S3_BUCKET": "acme-gantry-blobs",
+        "GANTRY_S3_REGION": "us-east-1",
+        "GANTRY_S3_ACCESS_KEY_ID": {"secretKeyRef": {"name": "ops-gantry-s3", "key": "AWS_ACCESS_KEY_ID"}},
+        "GANTRY_S3_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": "ops-gantry-s3", "key": "AWS_SECRET_ACCESS_KEY"}},
+    }
+    assert "checksum/s3" not in s["spec"]["template"]["metadata"].get("annotations", {})
+    assert {v["name"] for v in pod_spec(s)["volumes"]} == {"tmp"}
+    # The sentinels in blobs.s3.accessKeyId/secretAccessKey: see
+    # test_existing_secrets_are_referenced_and_never_inlined.
+
+
 # --- Disruption budgets -----------------------------------------------------------------------
 
 
@@ -588,6 +769,9 @@ def test_dind_runner_environment_and_sidecar() -> None:
     assert dind["startupProbe"]["exec"]["command"][-1] == "version"
     dind_mounts = {m["mountPath"]: m["name"] for m in dind["volumeMounts"]}
     assert dind_mounts["/var/run/dind"] == runner_mounts["/var/run/dind"]
+    # The engine bind-mounts each job's socket (<state dir>/relay/...) by its path: dockerd
+    # sees the runner's state volume at the runner's path.
+    assert dind_mounts[e["GANTRY_RUNNER_STATE_DIR"]] == runner_mounts[e["GANTRY_RUNNER_STATE_DIR"]]
     assert volumes[dind_mounts["/var/lib/docker"]]["emptyDir"] == {"sizeLimit": "20Gi"}
     assert dind["resources"]["requests"] == {"cpu": "1", "memory": "1Gi"}
 
@@ -612,6 +796,41 @@ def test_hostpath_runner_uses_the_node_socket_and_its_group() -> None:
     assert volume["hostPath"] == {"path": "/run/docker.sock", "type": "Socket"}
     assert pod["nodeSelector"] == {"gantry.example/docker": "true"}
     assert "the nodes' Docker socket /run/docker.sock" in notes("networkpolicy-hostpath")
+
+
+def test_hostpath_runner_keeps_its_state_where_the_node_engine_sees_it() -> None:
+    """The node's engine bind-mounts each job's socket from the runner's state directory by
+    its path: the state is a directory of the node mounted at that same path, and each pod
+    has a subdirectory of its own (named by its UID, so pods on one node never share one)."""
+    r = runner(objects("networkpolicy-hostpath"))
+    pod = pod_spec(r)
+    c = container(r, "runner")
+    names = [x["name"] for x in c["env"]]
+    e = env(c)
+    assert e["POD_UID"] == {"fieldRef": {"fieldPath": "metadata.uid"}}
+    # $(POD_UID) is expanded only when it is defined earlier in the list.
+    assert names.index("POD_UID") < names.index("GANTRY_RUNNER_STATE_DIR")
+    assert e["GANTRY_RUNNER_STATE_DIR"] == "/var/lib/gantry-runner/$(POD_UID)"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "state")
+    volume = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert volume["hostPath"] == {"path": "/var/lib/gantry-runner", "type": "Directory"}
+    assert mount["mountPath"] == volume["hostPath"]["path"]
+    assert "subPath" not in mount and "subPathExpr" not in mount
+    assert "state in /var/lib/gantry-runner on the node" in notes("networkpolicy-hostpath")
+
+
+def test_hostpath_state_dir_leaves_room_for_the_job_sockets() -> None:
+    """A socket path holds about 100 bytes (the runner falls back to /tmp, which the node's
+    engine cannot see, beyond that): <stateDir>/<pod UID>/relay/<12 characters>/gantry.sock
+    must fit with the longest stateDir the schema allows."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    state_dir = schema["properties"]["runner"]["properties"]["docker"]["properties"]["stateDir"]
+    uid = "0" * 36
+    longest = "/" + "x" * (state_dir["maxLength"] - 1) + f"/{uid}/relay/" + "y" * 12 + "/gantry.sock"
+    assert len(longest) <= 100
+    r = runner(objects_of(render({"runner": {"docker": {"mode": "hostPath",
+                                                         "stateDir": "/" + "s" * 31}}})))
+    assert env(container(r, "runner"))["GANTRY_RUNNER_STATE_DIR"] == "/" + "s" * 31 + "/$(POD_UID)"
 
 
 def test_server_only_renders_no_runner_objects() -> None:

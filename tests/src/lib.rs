@@ -4,6 +4,7 @@
 //! PostgreSQL comes from `GANTRY_TEST_POSTGRES_URL` (an admin URL; each test creates and
 //! drops its own database). When it is unset the PostgreSQL variant of a test says so
 //! loudly; with `GANTRY_TEST_REQUIRE_ALL=1` (set by `scripts/test.sh`) it fails instead.
+pub mod data;
 pub mod procs;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
@@ -13,6 +14,7 @@ use gantry_server::{Config, RunningServer};
 use pb::{
     admin_service_client::AdminServiceClient, job_service_client::JobServiceClient,
     runner_service_client::RunnerServiceClient, sandbox_service_client::SandboxServiceClient,
+    work_service_client::WorkServiceClient,
 };
 use sea_orm::{ConnectionTrait, Database};
 use tokio::sync::mpsc;
@@ -155,7 +157,7 @@ async fn prepare(db: &Db) -> Prepared {
             let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
             Prepared {
                 url: format!("{base}/{name}"),
-                _dir: None,
+                _dir: Some(tempfile::tempdir().expect("temp dir")),
                 drop_db: Some((admin.clone(), name)),
             }
         }
@@ -198,6 +200,9 @@ impl TestServer {
     pub async fn start_with(db: Db, adjust: impl FnOnce(&mut Config)) -> TestServer {
         let prepared = prepare(&db).await;
         let mut config = test_config(&prepared.url);
+        if let Some(dir) = &prepared._dir {
+            config.blob_dir = Some(dir.path().join("blobs"));
+        }
         adjust(&mut config);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -285,6 +290,19 @@ impl TestServer {
     /// SandboxService with the API token.
     pub async fn sandboxes(&self) -> SandboxServiceClient<Authed> {
         SandboxServiceClient::with_interceptor(self.channel().await, Bearer::new(&self.api_token))
+    }
+
+    /// WorkService with a work token (as the code inside a job calls it).
+    pub async fn work(&self, token: &str) -> WorkServiceClient<Authed> {
+        WorkServiceClient::with_interceptor(self.channel().await, Bearer::new(token))
+    }
+
+    /// The local blob directory, when the server keeps blobs in one.
+    pub fn blob_dir(&self) -> Option<std::path::PathBuf> {
+        self.config
+            .s3_bucket
+            .is_none()
+            .then(|| self.config.local_blob_dir())
     }
 
     /// AdminService with the API token.
@@ -428,6 +446,62 @@ pub async fn wait_for_status(
             return seen;
         }
     }
+}
+
+/// Every event of a job so far (not following).
+pub async fn events(jobs: &mut JobServiceClient<Authed>, id: &str) -> Vec<pb::JobEvent> {
+    let mut stream = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_sequence: 0,
+            follow: false,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(e) = stream.next().await {
+        out.push(e.expect("event"));
+    }
+    out
+}
+
+/// Follows a job until it is terminal (its event stream ends then); returns it.
+pub async fn finished(jobs: &mut JobServiceClient<Authed>, id: &str) -> pb::Job {
+    let mut stream = jobs
+        .watch_job(pb::WatchJobRequest {
+            job_id: id.into(),
+            after_sequence: 0,
+            follow: true,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(e) = stream.next().await {
+            e.expect("event");
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job {id} did not finish"));
+    get(jobs, id).await
+}
+
+/// Every file under `dir` (none when it does not exist).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files
 }
 
 /// All stored output of a job's latest attempt, per stream.

@@ -34,6 +34,21 @@ pub fn binary(name: &str, env: &str) -> PathBuf {
     path
 }
 
+/// The statically linked `gantry` binary runners mount into job containers (built by
+/// scripts/test.sh, which sets `GANTRY_TEST_STATIC_GANTRY`).
+pub fn static_gantry() -> PathBuf {
+    let path = std::env::var_os("GANTRY_TEST_STATIC_GANTRY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!(
+                "GANTRY_TEST_STATIC_GANTRY is unset: run scripts/test.sh, which builds a static \
+                 gantry (cargo build -p gantry-cli --target <host> with +crt-static) and sets it"
+            )
+        });
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
 /// Polls `check` until it returns `Some`, for conditions that have no event to await (a
 /// process's exit status, a runner's state); fails after [`PATIENCE`].
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
@@ -474,6 +489,13 @@ impl ServerProcess {
     /// What the server logged.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Its local blob directory (the default beside its SQLite file), when it has one.
+    pub fn blob_dir(&self) -> Option<PathBuf> {
+        self.database_url
+            .is_none()
+            .then(|| self.dir.path().join("g.db.blobs"))
     }
 }
 

@@ -955,3 +955,117 @@ async fn sandbox_watch_renders_the_running_commands_progress_bar_in_a_real_termi
     assert!(end.contains("deleted"), "{end}");
     server.stop().await;
 }
+
+/// Data in and out of work through the CLI: `blob put`, `submit --input/--artifact`, the
+/// work's own `gantry job …` calls, `artifacts`, `download`, `get` showing the result and
+/// `ls --parent` the child; bad forms are refused naming the flag.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_moves_through_the_cli_inputs_results_artifacts_and_children() {
+    let (server, _runner) = system().await;
+    let (url, token) = (server.url(), server.api_token.clone());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "hello cli\n").expect("write input");
+    let put = gantry(&url, &token, &["blob", "put", &input.display().to_string()]).await;
+    assert_eq!(put.code, 0, "{put:?}");
+    let digest = put.stdout.trim().to_string();
+    assert_eq!(digest, gantry_tests::data::digest(b"hello cli\n"));
+
+    let cli = binary("gantry", "GANTRY_CLI_BIN").display().to_string();
+    let submitted = gantry(
+        &url,
+        &token,
+        &[
+            "submit",
+            "--input",
+            &format!("in/data.txt={digest}"),
+            "--artifact",
+            "out",
+            "--env",
+            &format!("CLI={cli}"),
+            "--",
+            "sh",
+            "-c",
+            r#"set -e
+            mkdir -p out && cat in/data.txt > out/copy.txt
+            "$CLI" job progress 60 copying
+            "$CLI" job result --data 'all done' --content-type text/plain
+            "$CLI" job submit -- true"#,
+        ],
+    )
+    .await;
+    assert_eq!(submitted.code, 0, "{submitted:?}");
+    let id = submitted.stdout.trim().to_string();
+    let watched = gantry(&url, &token, &["watch", &id]).await;
+    assert_eq!(watched.code, 0, "{watched:?}");
+
+    let listed = gantry(&url, &token, &["artifacts", &id]).await;
+    assert_eq!(listed.code, 0, "{listed:?}");
+    assert!(listed.stdout.contains("out/copy.txt"), "{}", listed.stdout);
+    assert!(
+        listed.stdout.contains(&digest),
+        "same bytes, same digest: {}",
+        listed.stdout
+    );
+    let json = gantry(&url, &token, &["artifacts", &id, "-o", "json"]).await;
+    let parsed: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(parsed["artifacts"][0]["name"], "out/copy.txt");
+    assert_eq!(parsed["artifacts"][0]["size"], 10);
+    let target = dir.path().join("got.txt");
+    let downloaded = gantry(
+        &url,
+        &token,
+        &[
+            "download",
+            &id,
+            "out/copy.txt",
+            "--to",
+            &target.display().to_string(),
+        ],
+    )
+    .await;
+    assert_eq!(downloaded.code, 0, "{downloaded:?}");
+    assert_eq!(
+        std::fs::read(&target).expect("downloaded file"),
+        b"hello cli\n"
+    );
+
+    let shown = gantry(&url, &token, &["get", &id]).await;
+    assert_eq!(shown.code, 0, "{shown:?}");
+    assert!(
+        shown.stdout.contains("all done"),
+        "the result: {}",
+        shown.stdout
+    );
+    assert!(shown.stdout.contains("text/plain"), "{}", shown.stdout);
+    let job: serde_json::Value = serde_json::from_str(
+        &gantry(&url, &token, &["get", &id, "-o", "json"])
+            .await
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(job["result"]["data"], "all done");
+    assert_eq!(job["progress"]["percent"], 60);
+    let children = gantry(&url, &token, &["ls", "--parent", &id, "-o", "json"]).await;
+    let children: serde_json::Value = serde_json::from_str(&children.stdout).expect("json");
+    assert_eq!(
+        children["jobs"][0]["parent_job_id"],
+        id.as_str(),
+        "{children}"
+    );
+
+    // Bad forms: refused naming the flag, exit 2; nothing submitted.
+    for bad in [
+        vec!["submit", "--input", "no-source", "--", "true"],
+        vec!["submit", "--input", "../x=sha256:00", "--", "true"],
+        vec!["submit", "--artifact", "/abs", "--", "true"],
+    ] {
+        let refused = gantry(&url, &token, &bad).await;
+        assert_eq!(refused.code, 2, "{bad:?}: {refused:?}");
+        assert!(refused.stderr.contains(bad[1]), "{bad:?}: {refused:?}");
+    }
+    // `gantry job …` outside a job says what is missing.
+    let outside = gantry(&url, &token, &["job", "progress", "10"]).await;
+    assert_eq!(outside.code, 2, "{outside:?}");
+    assert!(outside.stderr.contains("GANTRY_"), "{outside:?}");
+}

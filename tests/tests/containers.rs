@@ -94,6 +94,10 @@ struct Cluster {
     /// Runners whose job containers are removed at the end (a runner that is stopped
     /// mid-job, or a failing test, may leave one behind).
     runner_ids: Vec<String>,
+    /// The runners' state directories, on the host: each is mounted into its runner at the
+    /// same path (the chart's hostPath mode), because the host's engine bind-mounts the
+    /// job's relay socket and the `gantry` binary from there by path.
+    states: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -117,6 +121,10 @@ impl Cluster {
             id: id.clone(),
             url: String::new(),
             runner_ids: Vec::new(),
+            states: tempfile::Builder::new()
+                .prefix("gantry-ct")
+                .tempdir_in("/tmp")
+                .expect("state directories"),
         };
         // Read-only root, the database on the image's volume directory (owned by 65532).
         docker_cli(&[
@@ -179,6 +187,11 @@ impl Cluster {
             .gid()
             .to_string();
         let container = format!("{}-{name}", self.id);
+        let state = self.states.path().join(name);
+        std::fs::create_dir_all(&state).expect("runner state dir");
+        // The image's user (65532) owns it, as an operator prepares it on a node.
+        std::os::unix::fs::chown(&state, Some(65532), Some(65532)).expect("chown state dir");
+        let state = state.display().to_string();
         docker_cli(&[
             "run",
             "-d",
@@ -192,7 +205,9 @@ impl Cluster {
             "--tmpfs",
             "/tmp",
             "-v",
-            "/var/lib/gantry-runner",
+            &format!("{state}:{state}"),
+            "-e",
+            &format!("GANTRY_RUNNER_STATE_DIR={state}"),
             "-v",
             &format!("{SOCKET}:/var/run/docker.sock"),
             "--group-add",

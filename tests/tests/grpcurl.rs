@@ -47,6 +47,7 @@ async fn grpcurl_lists_checks_health_submits_and_reads_back() {
         "gantry.v1.RunnerService",
         "gantry.v1.AdminService",
         "gantry.v1.SandboxService",
+        "gantry.v1.WorkService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     ] {
@@ -195,5 +196,136 @@ async fn grpcurl_creates_a_sandbox_runs_a_command_and_reads_its_logs() {
         .await
         .expect("task");
     assert!(deleted.contains("SANDBOX_STATUS_DELET"), "{deleted}");
+    server.stop().await;
+}
+
+/// grpcurl for every step of data in and out of work: a user uploads a blob (a client
+/// stream of JSON messages), submits a job that names it as an input; the work — holding
+/// the work token the runner was given — reads its inputs, reports progress, sets its result
+/// and uploads an artifact; the user reads the result and downloads the artifact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_moves_data_in_and_out_of_work() {
+    let server = TestServer::start(Db::Sqlite).await;
+    let mut runner = server.runner("grpcurl", &[], 1).await;
+    let addr = server.addr.to_string();
+    let call = |token: String, method: &'static str, body: String| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            run(&[
+                "-plaintext",
+                "-H",
+                &format!("authorization: Bearer {token}"),
+                "-d",
+                &body,
+                &addr,
+                &format!("gantry.v1.{method}"),
+            ])
+        })
+    };
+    let api = server.api_token.clone();
+    // "hello input\n" in two pieces.
+    let uploaded = call(
+        api.clone(),
+        "JobService/UploadBlob",
+        r#"{"header": {"size": "12"}} {"data": "aGVsbG8g"} {"data": "aW5wdXQK"}"#.into(),
+    )
+    .await
+    .expect("task");
+    let digest = field(&uploaded, "digest");
+    assert_eq!(digest, gantry_tests::data::digest(b"hello input\n"));
+    let submitted = call(
+        api.clone(),
+        "JobService/SubmitJob",
+        format!(
+            r#"{{"spec": {{"command": ["true"], "inputs": [{{"path": "in/hello.txt", "blobDigest": "{digest}"}}], "artifacts": ["out.txt"]}}}}"#
+        ),
+    )
+    .await
+    .expect("task");
+    let job = field(&submitted, "id");
+    let a = runner.claim_one().await;
+    assert_eq!(a.job_id, job);
+    runner
+        .report(&a, status(gantry_proto::JobStatus::Running))
+        .await
+        .expect("running");
+    let work = a.work_token.clone();
+    let inputs = call(
+        work.clone(),
+        "WorkService/ListInputs",
+        format!(r#"{{"jobId": "{job}"}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(inputs.contains(&digest), "{inputs}");
+    let read = call(
+        work.clone(),
+        "WorkService/ReadInput",
+        format!(r#"{{"jobId": "{job}", "index": 0}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(read.contains("aGVsbG8gaW5wdXQK"), "{read}");
+    call(
+        work.clone(),
+        "WorkService/ReportProgress",
+        format!(r#"{{"jobId": "{job}", "progress": {{"percent": 40, "stage": "loading"}}}}"#),
+    )
+    .await
+    .expect("task");
+    call(
+        work.clone(),
+        "WorkService/SetResult",
+        format!(
+            r#"{{"jobId": "{job}", "result": {{"data": "eyJvayI6dHJ1ZX0=", "contentType": "application/json"}}}}"#
+        ),
+    )
+    .await
+    .expect("task");
+    let stored = call(
+        work.clone(),
+        "WorkService/UploadArtifact",
+        format!(r#"{{"header": {{"jobId": "{job}", "name": "out.txt", "size": "3"}}}} {{"data": "b2sK"}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(
+        stored.contains(&gantry_tests::data::digest(b"ok\n")),
+        "{stored}"
+    );
+    runner
+        .report(&a, status(gantry_proto::JobStatus::Succeeded))
+        .await
+        .expect("done");
+
+    let got = call(
+        api.clone(),
+        "JobService/GetJob",
+        format!(r#"{{"jobId": "{job}"}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(got.contains("eyJvayI6dHJ1ZX0="), "the result: {got}");
+    assert!(got.contains("\"percent\": 40"), "{got}");
+    assert!(
+        !got.contains(work.rsplit('_').next().unwrap_or(&work)),
+        "no work token in GetJob"
+    );
+    let listed = call(
+        api.clone(),
+        "JobService/ListArtifacts",
+        format!(r#"{{"jobId": "{job}"}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(listed.contains("\"name\": \"out.txt\""), "{listed}");
+    let downloaded = call(
+        api.clone(),
+        "JobService/DownloadArtifact",
+        format!(r#"{{"jobId": "{job}", "name": "out.txt"}}"#),
+    )
+    .await
+    .expect("task");
+    assert!(downloaded.contains("b2sK"), "{downloaded}");
     server.stop().await;
 }

@@ -42,28 +42,6 @@ fn transitions_to(events: &[pb::JobEvent], to: JobStatus) -> usize {
         .count()
 }
 
-/// Every event of a job (not following).
-async fn all_events(
-    jobs: &mut pb::job_service_client::JobServiceClient<gantry_tests::Authed>,
-    id: &str,
-) -> Vec<pb::JobEvent> {
-    use tokio_stream::StreamExt as _;
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_sequence: 0,
-            follow: false,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(e) = stream.next().await {
-        out.push(e.expect("event"));
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_job_succeeds_with_exact_output_and_phases() {
     let server = TestServer::start(Db::Sqlite).await;
@@ -135,7 +113,7 @@ async fn docker_job_succeeds_with_exact_output_and_its_container_is_removed() {
     assert_eq!(phases(&events)[..3], [Creating, Starting, Running]);
     // REMOVING comes after the final status (it is reported as the container goes).
     until_no_container(&format!("gantry.job-id={id}"), "the container is removed").await;
-    let all = all_events(&mut jobs, &id).await;
+    let all = gantry_tests::events(&mut jobs, &id).await;
     assert_eq!(phases(&all).last(), Some(&Removing));
     server.stop().await;
 }
@@ -547,7 +525,7 @@ async fn a_server_killed_mid_job_loses_no_log_byte_and_records_the_end_once() {
         runner.log()
     );
     assert_eq!(String::from_utf8_lossy(&err), "half\ntail\n");
-    let events = all_events(&mut jobs, &id).await;
+    let events = gantry_tests::events(&mut jobs, &id).await;
     assert_eq!(transitions_to(&events, JobStatus::Succeeded), 1);
     assert_eq!(transitions_to(&events, JobStatus::Running), 1);
     assert_eq!(
@@ -598,8 +576,8 @@ async fn an_image_that_cannot_be_had_fails_cleanly() {
                 .await
                 .is_empty()
         );
-        let pulled =
-            phases(&all_events(&mut jobs, &id).await).contains(&pb::ExecutorPhase::Pulling);
+        let pulled = phases(&gantry_tests::events(&mut jobs, &id).await)
+            .contains(&pb::ExecutorPhase::Pulling);
         assert_eq!(pulled, policy != pb::PullPolicy::Never, "{policy:?}");
     }
     server.stop().await;
@@ -800,7 +778,7 @@ async fn network_loss_within_the_lease_loses_nothing() {
         "runner log:\n{}",
         runner.log()
     );
-    let events = all_events(&mut jobs, &id).await;
+    let events = gantry_tests::events(&mut jobs, &id).await;
     assert_eq!(transitions_to(&events, JobStatus::Succeeded), 1);
     assert_eq!(get(&mut jobs, &id).await.attempts.len(), 1);
     server.stop().await;
@@ -849,7 +827,7 @@ async fn a_runner_cut_off_past_its_lease_stops_the_work_it_lost() {
     .await;
     assert!(cut_off.log().contains("lease lost"), "{}", cut_off.log());
     assert_eq!(logs(&mut jobs, &id).await.0, b"attempt-two\n");
-    let events = all_events(&mut jobs, &id).await;
+    let events = gantry_tests::events(&mut jobs, &id).await;
     assert_eq!(transitions_to(&events, JobStatus::Succeeded), 1);
     server.stop().await;
 }

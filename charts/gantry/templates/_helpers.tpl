@@ -12,7 +12,8 @@ The chart name, or nameOverride.
 {{/*
 The name prefix of every object: fullnameOverride, else "<release>-<name>", or the release
 name alone when it already contains the name. Truncated to 56 characters so that the
-longest suffix ("-server", "-runner", "-data") still fits Kubernetes' 63-character limit.
+longest suffix ("-server", "-runner"; also "-blobs", "-data", "-s3", "-auth") still fits
+Kubernetes' 63-character limit.
 */}}
 {{- define "gantry.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -112,6 +113,37 @@ The PersistentVolumeClaim of the SQLite database.
 */}}
 {{- define "gantry.dataClaimName" -}}
 {{- default (printf "%s-data" (include "gantry.fullname" .)) .Values.database.sqlite.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+The PersistentVolumeClaim of the local blob store (database.type postgresql; with SQLite the
+blobs share the database's volume).
+*/}}
+{{- define "gantry.blobsClaimName" -}}
+{{- default (printf "%s-blobs" (include "gantry.fullname" .)) .Values.blobs.local.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+The Secret holding the S3 credentials: existingSecret, or the chart's own.
+*/}}
+{{- define "gantry.s3SecretName" -}}
+{{- default (printf "%s-s3" (include "gantry.fullname" .)) .Values.blobs.s3.existingSecret }}
+{{- end }}
+
+{{/*
+The local blob directory in the server container: beside the SQLite file (gantry-server's
+own default, on the database's volume), or the mount of the blob volume with PostgreSQL.
+*/}}
+{{- define "gantry.blobDir" -}}
+{{- if eq .Values.database.type "sqlite" }}/var/lib/gantry/gantry.db.blobs{{ else }}/var/lib/gantry/blobs{{ end }}
+{{- end }}
+
+{{/*
+"true" when the server keeps state that one server at a time may use (SQLite, or a local
+blob store): one replica, updated with the Recreate strategy.
+*/}}
+{{- define "gantry.singleServer" -}}
+{{- or (eq .Values.database.type "sqlite") (eq .Values.blobs.type "local") }}
 {{- end }}
 
 {{/*
@@ -219,6 +251,31 @@ and the rule.
 {{- $db := .Values.database.type }}
 {{- if and (eq $db "sqlite") (gt (int .Values.server.replicas) 1) }}
 {{- fail (printf "server.replicas is %d, but database.type is \"sqlite\": SQLite is one file on one volume and allows exactly one server (server.replicas: 1). Use database.type: postgresql for several server replicas." (int .Values.server.replicas)) }}
+{{- end }}
+{{- if and (eq .Values.blobs.type "local") (gt (int .Values.server.replicas) 1) }}
+{{- fail (printf "server.replicas is %d, but blobs.type is \"local\": a local blob store is one directory on one server's volume and allows exactly one server (server.replicas: 1). Use blobs.type: s3 (a bucket every replica shares) for several server replicas." (int .Values.server.replicas)) }}
+{{- end }}
+{{- if and (eq .Values.blobs.type "s3") (not .Values.blobs.s3.bucket) }}
+{{- fail "blobs.type is \"s3\", but blobs.s3.bucket is empty: name the bucket the server keeps artifacts and uploaded inputs in." }}
+{{- end }}
+{{- if and (eq .Values.blobs.type "s3") (not .Values.blobs.s3.existingSecret) (not (and .Values.blobs.s3.accessKeyId .Values.blobs.s3.secretAccessKey)) }}
+{{- fail "blobs.type is \"s3\", but the credentials are missing: set blobs.s3.existingSecret (a Secret with the keys blobs.s3.accessKeyIdKey and blobs.s3.secretAccessKeyKey), or both blobs.s3.accessKeyId and blobs.s3.secretAccessKey." }}
+{{- end }}
+{{- /* GANTRY_MAX_MESSAGE_BYTES: the server's default, or a literal value in server.extraEnv
+(one from a Secret or ConfigMap cannot be checked here). */}}
+{{- $messageBytes := 4194304 }}
+{{- $known := true }}
+{{- range .Values.server.extraEnv }}
+{{- if eq .name "GANTRY_MAX_MESSAGE_BYTES" }}
+{{- if hasKey . "value" }}
+{{- $messageBytes = .value | int64 }}
+{{- else }}
+{{- $known = false }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and $known (gt (add (.Values.blobs.maxResultBytes | int64) 4096) ($messageBytes | int64)) }}
+{{- fail (printf "blobs.maxResultBytes is %d, but the server's message limit (GANTRY_MAX_MESSAGE_BYTES) is %d: a result must leave 4096 bytes within it, so at most %d. Lower blobs.maxResultBytes, or raise GANTRY_MAX_MESSAGE_BYTES in server.extraEnv." (.Values.blobs.maxResultBytes | int64) ($messageBytes | int64) (sub ($messageBytes | int64) 4096)) }}
 {{- end }}
 {{- if and (eq $db "postgresql") (not .Values.database.postgresql.url) (not .Values.database.postgresql.existingSecret) }}
 {{- fail "database.type is \"postgresql\", but neither database.postgresql.url nor database.postgresql.existingSecret is set: the server needs a connection URL (postgres://USER:PASSWORD@HOST:5432/DATABASE)." }}

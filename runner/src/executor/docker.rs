@@ -3,9 +3,16 @@
 //! Phases, reported as events: PULLING (per the pull policy), CREATING, STARTING, RUNNING,
 //! STOPPING (cancel, timeout, drain), REMOVING. The container gets the job's command
 //! (entrypoint), args (CMD), env plus `GANTRY_JOB_ID`, `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`,
-//! working dir, memory and CPU limits, and the labels `gantry.job-id`, `gantry.attempt`,
-//! `gantry.runner-id`, `gantry.lease-id`. Output is attached before the start, so no byte is
-//! missed. A stop sends the image's stop signal (SIGTERM by default) and SIGKILL once the
+//! `GANTRY_WORK_TOKEN` and `GANTRY_ENDPOINT`, working dir, memory and CPU limits, and the
+//! labels `gantry.job-id`, `gantry.attempt`, `gantry.runner-id`, `gantry.lease-id`. Two
+//! mounts: the work's endpoint directory at `/run/gantry` (so `GANTRY_ENDPOINT` is
+//! `unix:///run/gantry/gantry.sock`, see [`crate::relay`]), and the runner's `gantry` binary,
+//! read-only, at `/usr/local/bin/gantry` (`--gantry-binary`, copied into the state
+//! directory at start-up), so that any image can run `gantry job …`. Both are mounted by
+//! their path on the engine's host: the engine must see the runner's state directory at
+//! the runner's path. The inputs are copied into the created container before it starts, and
+//! the artifacts read out of it once it has stopped, before it is removed ([`files`]).
+//! Output is attached before the start, so no byte is missed. A stop sends the image's stop signal (SIGTERM by default) and SIGKILL once the
 //! grace period has passed, as `docker stop` does. The container is removed when the attempt
 //! ends; containers a crashed runner left behind are removed when it starts again
 //! ([`DockerExecutor::remove_orphans`]).
@@ -13,15 +20,22 @@
 //! Sandboxes get one container each, kept running, whose commands are `docker exec`s
 //! ([`sandbox`]); they carry the same labels (plus `gantry.sandbox-id`), so the same cleanup
 //! removes them.
+mod files;
 pub mod sandbox;
 
-use std::{collections::HashMap, time::Duration};
+pub use files::DEFAULT_MAX_TRANSIT_BYTES;
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use bollard::{
     Docker,
     container::LogOutput,
     errors::Error as DockerError,
-    models::{ContainerCreateBody, HostConfig},
+    models::{ContainerCreateBody, HostConfig, Mount, MountType},
     query_parameters::{
         AttachContainerOptions, CreateContainerOptions, CreateImageOptions, EventsOptions,
         KillContainerOptions, ListContainersOptions, RemoveContainerOptions, WaitContainerOptions,
@@ -32,6 +46,7 @@ use gantry_proto as pb;
 use tokio::sync::watch;
 
 use super::{Executor, Io, Outcome, StopSignal, Work, Workspace, stop_requested};
+use crate::relay;
 
 /// Label naming the runner that created a container.
 pub const LABEL_RUNNER: &str = "gantry.runner-id";
@@ -42,11 +57,21 @@ pub const LABEL_ATTEMPT: &str = "gantry.attempt";
 /// Label naming the lease of a container's attempt.
 pub const LABEL_LEASE: &str = "gantry.lease-id";
 
+/// Where the `gantry` binary is mounted in containers.
+pub const GANTRY_IN_CONTAINER: &str = "/usr/local/bin/gantry";
+
 /// Runs jobs in containers.
 pub struct DockerExecutor {
     docker: Docker,
     /// Longest a pull may take before the attempt fails with IMAGE_UNAVAILABLE.
     pull_timeout: Duration,
+    /// The `gantry` binary mounted into every container (absolute); `None`: none is.
+    gantry_binary: Option<PathBuf>,
+    /// Inputs on their way into a container, and artifacts on their way out of one, wait
+    /// in temporary directories under this one.
+    scratch: PathBuf,
+    /// Bytes of artifacts read out of a container per attempt at most.
+    max_transit_bytes: u64,
 }
 
 fn is_not_found(e: &DockerError) -> bool {
@@ -87,7 +112,71 @@ impl DockerExecutor {
         Ok(Self {
             docker,
             pull_timeout,
+            gantry_binary: None,
+            scratch: std::env::temp_dir(),
+            max_transit_bytes: files::DEFAULT_MAX_TRANSIT_BYTES,
         })
+    }
+
+    /// Copies the `gantry` binary at `source` to `dir` (the runner's state directory's
+    /// `bin/`), for [`DockerExecutor::with_files`]. Why a copy: the engine mounts files by
+    /// their path on its own host, and the runner's state directory is the one place the
+    /// engine must see already (the work's endpoint sockets are there); the runner's own
+    /// executable may be in a container of its own, out of the engine's sight.
+    pub async fn stage_gantry_binary(source: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt as _;
+        tokio::fs::create_dir_all(dir).await?;
+        let staged = dir.join("gantry");
+        let partial = dir.join(".gantry.partial");
+        tokio::fs::copy(source, &partial).await?;
+        tokio::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).await?;
+        tokio::fs::rename(&partial, &staged).await?;
+        Ok(staged)
+    }
+
+    /// Mounts `gantry_binary` (absolute) into every container, and keeps files in transit
+    /// under `scratch`.
+    pub fn with_files(mut self, gantry_binary: Option<PathBuf>, scratch: PathBuf) -> Self {
+        self.gantry_binary = gantry_binary;
+        self.scratch = scratch;
+        self
+    }
+
+    /// Reads no more than `bytes` of artifacts out of a container per attempt (what comes
+    /// past that is not stored, and the attempt's stderr says so).
+    pub fn with_max_transit_bytes(mut self, bytes: u64) -> Self {
+        self.max_transit_bytes = bytes;
+        self
+    }
+
+    /// The mounts of a work's container: its endpoint's directory, the `gantry` binary.
+    fn mounts(&self, work: &Work) -> Vec<Mount> {
+        let bind = |source: &std::path::Path, target: &str, read_only: bool| Mount {
+            source: Some(source.display().to_string()),
+            target: Some(target.to_string()),
+            typ: Some(MountType::BIND),
+            read_only: Some(read_only),
+            ..Default::default()
+        };
+        let mut mounts = Vec::new();
+        if let Some(dir) = work.access.relay_dir() {
+            mounts.push(bind(dir, relay::CONTAINER_DIR, false));
+        }
+        if let Some(binary) = &self.gantry_binary {
+            mounts.push(bind(binary, GANTRY_IN_CONTAINER, true));
+        }
+        mounts
+    }
+
+    /// The work's environment variables in its container (GANTRY_ENDPOINT as mounted).
+    fn gantry_env(work: &Work) -> impl Iterator<Item = String> {
+        let endpoint = work
+            .access
+            .relay_dir()
+            .map(|_| relay::CONTAINER_ENDPOINT.to_string());
+        work.gantry_env(endpoint)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
     }
 
     /// Removes every container labelled with one of `runner_ids` (a runner holds no attempt
@@ -198,10 +287,12 @@ impl DockerExecutor {
         }
     }
 
-    fn container_body(work: &Work) -> ContainerCreateBody {
+    fn container_body(&self, work: &Work) -> ContainerCreateBody {
         let spec = &work.spec;
         let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        env.extend(work.gantry_env().iter().map(|(k, v)| format!("{k}={v}")));
+        env.extend(Self::gantry_env(work));
+        let mut host_config = host_config(spec);
+        host_config.mounts = Some(self.mounts(work));
         let labels = HashMap::from([
             (LABEL_JOB.to_string(), work.job_id.clone()),
             (LABEL_ATTEMPT.to_string(), work.attempt.to_string()),
@@ -219,7 +310,7 @@ impl DockerExecutor {
             attach_stderr: Some(true),
             tty: Some(false),
             open_stdin: Some(false),
-            host_config: Some(host_config(spec)),
+            host_config: Some(host_config),
             ..Default::default()
         }
     }
@@ -247,7 +338,7 @@ impl DockerExecutor {
                     name: Some(name),
                     ..Default::default()
                 }),
-                Self::container_body(work),
+                self.container_body(work),
             )
             .await;
         let id = match created {
@@ -262,7 +353,7 @@ impl DockerExecutor {
                 return Outcome::failed(kind, format!("creating the container: {e}"));
             }
         };
-        let outcome = self.attach_and_run(&id, io, &mut stop).await;
+        let outcome = self.run_in(work, &id, io, &mut stop).await;
         io.phase(pb::ExecutorPhase::Removing, short(&id)).await;
         if let Err(e) = self
             .docker
@@ -272,6 +363,26 @@ impl DockerExecutor {
         {
             tracing::warn!(container = %id, error = %e, "removing the container");
         }
+        outcome
+    }
+
+    /// Copies the inputs into the created container `id`, runs it, and stores the
+    /// artifacts from it.
+    async fn run_in(&self, work: &Work, id: &str, io: &mut Io, stop: &mut StopSignal) -> Outcome {
+        let spec = &work.spec;
+        let transfer = self.transfer();
+        let working_dir = if spec.inputs.is_empty() && spec.artifacts.is_empty() {
+            String::new()
+        } else {
+            transfer.working_dir(id, spec).await
+        };
+        if let Err(failed) = transfer.copy_inputs(work, id, &working_dir, stop).await {
+            return failed;
+        }
+        let outcome = self.attach_and_run(id, io, stop).await;
+        transfer
+            .store_artifacts(work, id, &working_dir, io, stop)
+            .await;
         outcome
     }
 
@@ -558,7 +669,28 @@ impl Executor for DockerExecutor {
 
 #[cfg(test)]
 mod tests {
-    use super::with_tag;
+    use super::{DockerExecutor, with_tag};
+
+    #[tokio::test]
+    async fn the_gantry_binary_is_staged_executable_in_the_state_directory() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("gantry-src");
+        std::fs::write(&source, b"binary").expect("write");
+        let bin = dir.path().join("state/bin");
+        for _ in 0..2 {
+            let staged = DockerExecutor::stage_gantry_binary(&source, &bin)
+                .await
+                .expect("staged");
+            assert_eq!(staged, bin.join("gantry"));
+            assert_eq!(std::fs::read(&staged).expect("read"), b"binary");
+            let mode = std::fs::metadata(&staged)
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o755);
+        }
+    }
 
     #[test]
     fn pulls_name_a_tag() {

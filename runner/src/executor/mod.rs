@@ -2,8 +2,11 @@
 //! which one it wants and the runner says which ones it offers.
 //!
 //! An executor runs one attempt from start to end: it prepares the container or process,
-//! reports its phases and the RUNNING status through [`Io`], streams output into it, and
-//! returns how the work ended. It watches [`StopSignal`] the whole time: when a stop is
+//! places the work's inputs in it, reports its phases and the RUNNING status through [`Io`],
+//! streams output into it, stores the work's artifacts once it has ended (before the
+//! workspace goes: see [`crate::executor::files`]), and returns how the work ended. The work reaches
+//! WorkService as itself through [`Work::access`]: the executor hands it its token and its
+//! endpoint (see [`crate::relay`]). It watches [`StopSignal`] the whole time: when a stop is
 //! requested (cancel, timeout, drain, lost lease) it sends the graceful signal, waits up to
 //! the stop's grace, then kills, and returns.
 //!
@@ -12,6 +15,7 @@
 //! rules (each command in a process group of its own, so that stopping one never touches the
 //! workspace), and is removed at the end. [`crate::sandbox`] decides when.
 pub mod docker;
+pub mod files;
 pub mod process;
 
 use std::{sync::Arc, time::Duration};
@@ -19,6 +23,7 @@ use std::{sync::Arc, time::Duration};
 use futures::future::BoxFuture;
 use gantry_proto as pb;
 
+pub use crate::relay::Access;
 use crate::{
     outbox::Outbox,
     output::{OutputStream, Piece, cut},
@@ -52,16 +57,28 @@ pub struct Work {
     pub runner_id: String,
     /// What to run.
     pub spec: pb::JobSpec,
+    /// The work's own identity toward WorkService: its token (never printed), its endpoint,
+    /// and the runner's calls as the work (inputs, artifacts).
+    pub access: Access,
 }
 
 impl Work {
-    /// Environment variables the runner adds for every job.
-    pub fn gantry_env(&self) -> [(&'static str, String); 3] {
-        [
+    /// Environment variables the runner adds for every job: its id, attempt, runner, and its
+    /// token and endpoint (`endpoint`: GANTRY_ENDPOINT as the work sees it; `None`: it has
+    /// none). A sandbox's commands get the same with the sandbox's id as the job's.
+    pub fn gantry_env(&self, endpoint: Option<String>) -> Vec<(&'static str, String)> {
+        let mut env = vec![
             ("GANTRY_JOB_ID", self.job_id.clone()),
             ("GANTRY_ATTEMPT", self.attempt.to_string()),
             ("GANTRY_RUNNER_ID", self.runner_id.clone()),
-        ]
+        ];
+        if !self.access.token().is_empty() {
+            env.push(("GANTRY_WORK_TOKEN", self.access.token().to_string()));
+        }
+        if let Some(endpoint) = endpoint {
+            env.push(("GANTRY_ENDPOINT", endpoint));
+        }
+        env
     }
 }
 
@@ -142,10 +159,20 @@ pub trait Workspace: Send + Sync {
     ) -> BoxFuture<'a, Outcome>;
     /// Removes the workspace and everything running in it. `Err` says why it could not.
     fn remove(&self) -> BoxFuture<'_, Result<(), String>>;
+    /// GANTRY_ENDPOINT as the commands see it (`None`: the sandbox has no endpoint).
+    fn endpoint(&self) -> Option<String>;
+    /// Stores the sandbox's artifacts (`sandbox.spec.artifacts`) from the workspace, as
+    /// [`crate::executor::files::store_artifacts`] does for a job; notes go to `io`'s stderr.
+    fn store_artifacts<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, ()>;
 }
 
 /// One command to run in a workspace.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Exec {
     /// Program and arguments (at least the program).
     pub argv: Vec<String>,
@@ -156,6 +183,19 @@ pub struct Exec {
     pub working_dir: Option<String>,
     /// Written to its standard input, which is then closed (empty: an empty input).
     pub stdin: Vec<u8>,
+}
+
+impl std::fmt::Debug for Exec {
+    /// Without the environment's values: GANTRY_WORK_TOKEN is among them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Exec")
+            .field("argv", &self.argv)
+            .field("env", &names)
+            .field("working_dir", &self.working_dir)
+            .field("stdin", &self.stdin.len())
+            .finish()
+    }
 }
 
 /// The executors a runner offers.
@@ -239,6 +279,18 @@ impl Io {
             let pieces = self.stream(stream).finish();
             self.report(stream, pieces).await;
         }
+    }
+
+    /// A line of the runner's own on the attempt's stderr (after what the work wrote, on a
+    /// line of its own), e.g. an artifact that was not stored.
+    pub async fn note(&mut self, line: &str) {
+        let mut text = String::with_capacity(line.len() + 2);
+        if !self.stderr.at_line_start() {
+            text.push('\n');
+        }
+        text.push_str(line);
+        text.push('\n');
+        self.output(pb::LogStream::Stderr, text.as_bytes()).await;
     }
 
     /// The final status of the attempt.

@@ -2,10 +2,13 @@
 //!
 //! The process inherits the runner's environment minus every `GANTRY_*` variable (the
 //! runner's tokens stay with the runner), plus the job's `env` and `GANTRY_JOB_ID`,
-//! `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`. Without a `working_dir` it runs in a fresh scratch
-//! directory that is removed afterwards. A stop sends SIGTERM to the whole group, then SIGKILL
-//! after the grace period; when the main process exits, whatever it left running in its group
-//! is killed too, so no stray process outlives its job.
+//! `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`, `GANTRY_WORK_TOKEN` and `GANTRY_ENDPOINT` (the
+//! work's socket, `unix://<state-dir>/relay/…/gantry.sock`). Without a `working_dir` it runs
+//! in a fresh scratch directory that is removed afterwards. The inputs are written into that
+//! directory (or `working_dir`) before the process starts; once it has ended the artifacts
+//! are stored from there. A stop sends SIGTERM to the whole group, then SIGKILL after the
+//! grace period; when the main process exits, whatever it left running in its group is
+//! killed too, so no stray process outlives its job.
 //!
 //! Sandboxes get a workspace directory ([`sandbox`]) whose commands run the same way.
 pub mod sandbox;
@@ -18,6 +21,7 @@ use nix::{sys::signal::Signal, unistd::Pid};
 use tokio::{io::AsyncReadExt, sync::mpsc};
 
 use super::{Executor, Io, Outcome, StopSignal, Work, Workspace, stop_requested};
+use crate::executor::files;
 
 /// Output read at a time from a pipe.
 const READ_BUFFER: usize = 64 * 1024;
@@ -53,9 +57,9 @@ impl Executor for ProcessExecutor {
         &'a self,
         sandbox: &'a Work,
         io: &'a mut Io,
-        _stop: StopSignal,
+        stop: StopSignal,
     ) -> BoxFuture<'a, Result<Box<dyn Workspace>, Outcome>> {
-        Box::pin(self.create_sandbox(sandbox, io))
+        Box::pin(self.create_sandbox(sandbox, io, stop))
     }
 }
 
@@ -133,33 +137,53 @@ impl ProcessExecutor {
         let dir = scratch
             .clone()
             .unwrap_or_else(|| PathBuf::from(&spec.working_dir));
+        let outcome = self
+            .run_in(work, io, &mut stop, program, first_args, &dir)
+            .await;
+        if let Some(dir) = scratch
+            && let Err(e) = tokio::fs::remove_dir_all(&dir).await
+        {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing the scratch directory");
+        }
+        outcome
+    }
 
+    /// Places the inputs in `dir`, runs the process there, and stores the artifacts.
+    async fn run_in(
+        &self,
+        work: &Work,
+        io: &mut Io,
+        stop: &mut StopSignal,
+        program: &str,
+        first_args: &[String],
+        dir: &std::path::Path,
+    ) -> Outcome {
+        let spec = &work.spec;
+        if let Err(failed) = files::place_inputs(work, dir, stop).await {
+            return failed;
+        }
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(first_args)
             .args(&spec.args)
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         without_runner_env(&mut cmd);
-        cmd.envs(&spec.env).envs(work.gantry_env());
+        cmd.envs(&spec.env)
+            .envs(work.gantry_env(work.access.local_endpoint()));
 
-        io.phase(pb::ExecutorPhase::Starting, program.as_str())
-            .await;
+        io.phase(pb::ExecutorPhase::Starting, program).await;
         let outcome = match cmd.spawn() {
-            Ok(child) => supervise(child, io, &mut stop).await,
+            Ok(child) => supervise(child, io, stop).await,
             Err(e) => Outcome::failed(
                 pb::FailureKind::ExecutorError,
                 format!("cannot start `{program}` in {}: {e}", dir.display()),
             ),
         };
-        if let Some(dir) = scratch
-            && let Err(e) = tokio::fs::remove_dir_all(&dir).await
-        {
-            tracing::warn!(dir = %dir.display(), error = %e, "removing the scratch directory");
-        }
+        files::store_artifacts(work, dir, io, stop).await;
         outcome
     }
 }

@@ -538,6 +538,7 @@ impl<'t> Lifecycle<'t> {
                     cancel_deadline_at: None,
                     log_capped: false,
                     parent_lease: s.parent_lease,
+                    work_token_hash: None,
                 },
             );
             self.new_attempts.insert(s.lease);
@@ -882,6 +883,39 @@ impl<'t> Lifecycle<'t> {
         }
         self.push_event(job_id, number, job_event::Kind::Progress(progress), true);
         Ok(())
+    }
+
+    /// Records an event of the work's own (a `WorkEvent`, a stored artifact, a result) on
+    /// the job of the loaded attempt of `lease`; `limited` events count against the job's
+    /// event limit. Returns the event's sequence, or 0 when the limit dropped it.
+    pub fn record_work(
+        &mut self,
+        lease: Uuid,
+        kind: job_event::Kind,
+        limited: bool,
+    ) -> Result<u64> {
+        let (job_id, number) = self.reported(&lease)?;
+        let before = self.jobs.get(&job_id).map_or(0, |j| j.event_seq);
+        self.push_event(job_id, number, kind, limited);
+        let after = self.jobs.get(&job_id).map_or(0, |j| j.event_seq);
+        let stored = after > before
+            && self
+                .jobs
+                .get(&job_id)
+                .is_some_and(|j| !j.events_capped || !limited);
+        Ok(if stored {
+            u64::try_from(after).unwrap_or_default()
+        } else {
+            0
+        })
+    }
+
+    /// Keeps the hash of the work token of the new attempt of `lease` (made by this unit of
+    /// work), written with it at flush.
+    pub fn set_work_token_hash(&mut self, lease: Uuid, hash: String) {
+        if let Some(a) = self.attempts.get_mut(&lease) {
+            a.work_token_hash = Some(hash);
+        }
     }
 
     /// Records an executor phase.
@@ -1371,6 +1405,7 @@ pub fn new_job(spec: &JobSpec, retried_from: Option<Uuid>, now: i64) -> job::Mod
         events_capped: false,
         kind: Kind::Job.as_i32(),
         parent_id: None,
+        parent_job: None,
     }
 }
 

@@ -14,8 +14,8 @@ pub mod watch;
 use gantry_proto as pb;
 use prost::Message;
 use sea_orm::{
-    ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
-    sea_query::Query,
+    ColumnTrait, ConnectionTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, sea_query::Query,
 };
 use uuid::Uuid;
 
@@ -60,6 +60,8 @@ pub fn to_proto(model: &job::Model, attempts: &[attempt::Model]) -> Result<pb::J
             .map(|r| r.to_string())
             .unwrap_or_default(),
         last_event_sequence: u64::try_from(model.event_seq).unwrap_or_default(),
+        result: None,
+        parent_job_id: model.parent_job.map(|p| p.to_string()).unwrap_or_default(),
     })
 }
 
@@ -92,7 +94,9 @@ pub async fn get(db: &DatabaseConnection, id: Uuid) -> Result<pb::Job> {
         .order_by_asc(attempt::Column::Number)
         .all(db)
         .await?;
-    to_proto(&model, &attempts)
+    let mut job = to_proto(&model, &attempts)?;
+    job.result = result_of(db, id).await?;
+    Ok(job)
 }
 
 /// A page of jobs, newest first.
@@ -122,6 +126,9 @@ pub async fn list(
     }
     if !req.runner_id.is_empty() {
         q = q.filter(job::Column::RunnerId.eq(parse_id("runner_id", &req.runner_id)?));
+    }
+    if !req.parent_job_id.is_empty() {
+        q = q.filter(job::Column::ParentJob.eq(parse_id("parent_job_id", &req.parent_job_id)?));
     }
     spec::check_labels("labels", &req.labels)?;
     for (k, v) in &req.labels {
@@ -162,11 +169,85 @@ pub async fn list(
     })
 }
 
-/// Cancels a job (see [`state::cancel`]).
+/// The result of `job_id`, if its work set one.
+pub async fn result_of(db: &impl ConnectionTrait, job_id: Uuid) -> Result<Option<pb::JobResult>> {
+    Ok(crate::store::entity::job_result::Entity::find_by_id(job_id)
+        .one(db)
+        .await?
+        .map(|r| pb::JobResult {
+            data: r.data,
+            content_type: r.content_type,
+            set_at_unix_ms: r.set_at,
+            attempt: u32::try_from(r.attempt).unwrap_or_default(),
+        }))
+}
+
+/// The unfinished descendants of `id` (children, their children …), read without locks,
+/// with their current leases: what a cancel of `id` cancels too. At most `MAX_DESCENDANTS`.
+pub async fn unfinished_descendants(
+    db: &impl ConnectionTrait,
+    id: Uuid,
+) -> Result<Vec<(Uuid, Option<Uuid>)>> {
+    const MAX_DESCENDANTS: usize = 10_000;
+    /// Parents asked about per query (bound parameters).
+    const PER_QUERY: usize = 500;
+    let mut found = Vec::new();
+    let mut frontier = vec![id];
+    let mut seen = 0usize;
+    while !frontier.is_empty() && seen < MAX_DESCENDANTS {
+        let parents = std::mem::take(&mut frontier);
+        for chunk in parents.chunks(PER_QUERY) {
+            let rows: Vec<(Uuid, Option<Uuid>, Option<i64>)> = job::Entity::find()
+                .select_only()
+                .column(job::Column::Id)
+                .column(job::Column::CurrentLease)
+                .column(job::Column::FinishedAt)
+                .filter(job::Column::ParentJob.is_in(chunk.iter().copied()))
+                .into_tuple()
+                .all(db)
+                .await?;
+            for (child, lease, finished) in rows {
+                seen += 1;
+                frontier.push(child);
+                if finished.is_none() {
+                    found.push((child, lease));
+                }
+            }
+        }
+    }
+    if seen >= MAX_DESCENDANTS {
+        tracing::warn!(
+            job = %id,
+            "the job has more than {MAX_DESCENDANTS} descendants; canceling the first {} unfinished ones",
+            found.len().min(MAX_DESCENDANTS)
+        );
+    }
+    found.truncate(MAX_DESCENDANTS);
+    Ok(found)
+}
+
+/// Cancels a job (see [`state::cancel`]), and with it every unfinished job its work
+/// submitted (and theirs), in the same transaction.
 pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
     check_text("reason", reason, 1024)?;
     let wtx = env.store.write().await?;
     let mut lc = env.lifecycle(&wtx);
+    // Every attempt (the job's and its descendants') is locked before any job row, in one
+    // call: the one lock order (attempts by lease, then jobs by id).
+    let descendants = unfinished_descendants(lc.txn(), id).await?;
+    let current: Option<Option<Uuid>> = job::Entity::find_by_id(id)
+        .select_only()
+        .column(job::Column::CurrentLease)
+        .into_tuple()
+        .one(lc.txn())
+        .await?;
+    lc.load_attempts(
+        descendants
+            .iter()
+            .filter_map(|(_, lease)| *lease)
+            .chain(current.flatten()),
+    )
+    .await?;
     let view = lc
         .load_for_change(id)
         .await?
@@ -174,19 +255,41 @@ pub async fn cancel(env: &Env, id: Uuid, reason: &str) -> Result<pb::Job> {
         .ok_or_else(|| Error::NotFound(format!("job {id}")))?;
     let decision = state::cancel(&view, reason, lc.now, env.rules.lease_ms)?;
     lc.apply(decision)?;
+    lc.load_jobs(descendants.iter().map(|(child, _)| *child))
+        .await?;
+    let why = format!("its parent job {id} was canceled");
+    for (child, _) in &descendants {
+        let Ok(view) = lc.job_view(child) else {
+            continue;
+        };
+        if let Some(lease) = view.current_lease
+            && lc.attempt(&lease).is_none()
+        {
+            // Claimed between the read above and the lock (rare).
+            lc.load_attempts([lease]).await?;
+        }
+        let view = lc.job_view(child)?;
+        // A child that ended or is canceling already is left as it is.
+        if let Ok(decision) = state::cancel(&view, &why, lc.now, env.rules.lease_ms) {
+            lc.apply(decision)?;
+        }
+    }
     let signals = lc.flush().await?;
     env.commit(wtx, signals).await?;
     get(env.store.db(), id).await
 }
 
-/// Submits a validated spec through the group-committing submitter.
+/// Submits a validated spec through the group-committing submitter. Blob inputs must be
+/// stored already.
 pub async fn submit(
+    db: &DatabaseConnection,
     submitter: &submit::Submitter,
     default_timeout_seconds: u32,
     spec: Option<pb::JobSpec>,
 ) -> Result<pb::SubmitJobResponse> {
     let spec = spec::validate(spec, default_timeout_seconds)?;
-    submitter.call((spec, None)).await
+    spec::check_inputs_exist(db, &spec.inputs, "spec.inputs").await?;
+    submitter.call(submit::Submission::of(spec)).await
 }
 
 /// Submits the spec of a terminal job again, as a new job.
@@ -210,7 +313,12 @@ pub async fn retry(
     let mut spec = pb::JobSpec::decode(original.spec.as_slice())?;
     spec.idempotency_key.clear();
     let spec = spec::validate(Some(spec), default_timeout_seconds)?;
-    let response = submitter.call((spec, Some(id))).await?;
+    let response = submitter
+        .call(submit::Submission {
+            retried_from: Some(id),
+            ..submit::Submission::of(spec)
+        })
+        .await?;
     response
         .job
         .ok_or_else(|| Error::Internal("submit returned no job".into()))

@@ -214,8 +214,9 @@ async fn send_logs(
             return Ok(());
         }
         // The attempt is over and all it wrote was sent: done, unless following the job
-        // into a retry that has not ended it yet.
-        if ended && (!follow_retries || terminal) {
+        // into a later attempt — one that exists already (the job may have gone through it
+        // to its end while this reader was behind), or one a retry will make.
+        if ended && (!follow_retries || (terminal && job.attempt_count <= number)) {
             return Ok(());
         }
         if ended {

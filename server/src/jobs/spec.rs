@@ -1,7 +1,7 @@
 //! Job spec validation: every rule a submitted spec must keep, each broken rule reported as
 //! `INVALID_ARGUMENT` naming the field. Returns the spec with defaults filled in, which is
 //! what gets stored and handed to runners.
-use gantry_proto::{ExecutorKind, JobSpec, PullPolicy, RetryPolicy};
+use gantry_proto::{ExecutorKind, Input, JobSpec, PullPolicy, RetryPolicy, input};
 
 use crate::error::{Error, Result};
 
@@ -290,7 +290,155 @@ pub fn validate(spec: Option<JobSpec>, default_timeout_seconds: u32) -> Result<J
     if spec.cancel_grace_seconds > 3600 {
         return Err(invalid("spec.cancel_grace_seconds", "must be at most 3600"));
     }
+    check_inputs(&mut spec.inputs)?;
+    check_outputs(&spec.artifacts)?;
     Ok(spec)
+}
+
+/// Inputs and output paths a spec may declare, at most.
+pub const MAX_INPUTS: usize = 64;
+pub const MAX_OUTPUTS: usize = 64;
+/// Longest relative path (an input target, an output path, an artifact name).
+pub const MAX_PATH_BYTES: usize = 1024;
+
+/// A path inside the workspace: relative, at most [`MAX_PATH_BYTES`], without NUL, without
+/// `..` or empty components (a leading `/` is an absolute path).
+pub fn check_relative_path(field: &str, path: &str) -> Result<()> {
+    if path.is_empty() {
+        return Err(invalid(field, "is required"));
+    }
+    if path.len() > MAX_PATH_BYTES || path.contains('\0') {
+        return Err(invalid(
+            field,
+            format!("must be at most {MAX_PATH_BYTES} bytes without NUL"),
+        ));
+    }
+    if path.starts_with('/') {
+        return Err(invalid(
+            field,
+            format!("{path:?} is absolute; it must be relative to the workspace"),
+        ));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(invalid(
+            field,
+            format!("{path:?} leaves the workspace: `..` is not allowed"),
+        ));
+    }
+    if path.split('/').any(|c| c.is_empty() || c == ".") && path != "." {
+        return Err(invalid(
+            field,
+            format!("{path:?} has an empty or `.` component"),
+        ));
+    }
+    Ok(())
+}
+
+/// Every blob input of `inputs` must be stored: INVALID_ARGUMENT naming the first that is not.
+pub async fn check_inputs_exist(
+    db: &impl sea_orm::ConnectionTrait,
+    inputs: &[Input],
+    field: &str,
+) -> Result<()> {
+    for (i, input) in inputs.iter().enumerate() {
+        if let Some(input::Source::BlobDigest(d)) = &input.source {
+            let name = format!("{field}[{i}].blob_digest");
+            let digest = crate::blobs::parse_digest(&name, d)?;
+            if <crate::store::entity::blob::Entity as sea_orm::EntityTrait>::find_by_id(
+                digest.clone(),
+            )
+            .one(db)
+            .await?
+            .is_none()
+            {
+                return Err(Error::invalid(
+                    name,
+                    format!(
+                        "unknown digest {digest}: upload the bytes first (JobService.UploadBlob, `gantry blob put`)"
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The rows that keep a spec's blob inputs from retention while its job exists.
+pub fn input_rows(
+    job_id: uuid::Uuid,
+    spec: &JobSpec,
+) -> Vec<crate::store::entity::job_input::ActiveModel> {
+    use sea_orm::IntoActiveModel as _;
+    spec.inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, input)| match &input.source {
+            Some(input::Source::BlobDigest(d)) => Some(
+                crate::store::entity::job_input::Model {
+                    job_id,
+                    idx: i32::try_from(i).unwrap_or(i32::MAX),
+                    digest: d.clone(),
+                }
+                .into_active_model(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn check_inputs(inputs: &mut [Input]) -> Result<()> {
+    if inputs.len() > MAX_INPUTS {
+        return Err(invalid(
+            "spec.inputs",
+            format!("at most {MAX_INPUTS} inputs"),
+        ));
+    }
+    let mut paths = std::collections::HashSet::new();
+    for (i, input) in inputs.iter_mut().enumerate() {
+        let field = format!("spec.inputs[{i}]");
+        check_relative_path(&format!("{field}.path"), &input.path)?;
+        if !paths.insert(input.path.clone()) {
+            return Err(invalid(
+                format!("{field}.path"),
+                format!("{:?} is the target of an earlier input", input.path),
+            ));
+        }
+        match &mut input.source {
+            None => {
+                return Err(invalid(
+                    format!("{field}.source"),
+                    "is required: an artifact (job id and name) or a blob digest",
+                ));
+            }
+            Some(input::Source::Artifact(a)) => {
+                if uuid::Uuid::try_parse(&a.job_id).is_err() {
+                    return Err(invalid(
+                        format!("{field}.artifact.job_id"),
+                        format!("{:?} is not a UUID", a.job_id),
+                    ));
+                }
+                check_relative_path(&format!("{field}.artifact.name"), &a.name)?;
+            }
+            Some(input::Source::BlobDigest(d)) => {
+                // Stored as the blob store addresses it (lower-case hex).
+                *d = crate::blobs::parse_digest(&format!("{field}.blob_digest"), d)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_outputs(outputs: &[String]) -> Result<()> {
+    if outputs.len() > MAX_OUTPUTS {
+        return Err(invalid(
+            "spec.artifacts",
+            format!("at most {MAX_OUTPUTS} output paths"),
+        ));
+    }
+    for (i, path) in outputs.iter().enumerate() {
+        check_relative_path(&format!("spec.artifacts[{i}]"), path)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

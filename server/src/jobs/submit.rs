@@ -15,18 +15,39 @@ use crate::{
     batch::{GroupCommit, Queue},
     error::{Error, Result},
     jobs::lifecycle::{Env, new_job},
-    store::entity::{job, job_label},
+    store::entity::{job, job_input, job_label},
 };
 
 /// Submissions taken into one transaction at most.
 const MAX_PER_COMMIT: usize = 512;
 
-/// Handle to the submitter: validated `(spec, retried_from)` submissions are
-/// group-committed (see [`crate::batch`]).
-pub type Submitter = GroupCommit<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>;
+/// One validated submission.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub spec: pb::JobSpec,
+    /// RetryJob: the job whose spec this is.
+    pub retried_from: Option<Uuid>,
+    /// WorkService.SubmitChild: the job whose work submitted it.
+    pub parent_job: Option<Uuid>,
+}
+
+impl Submission {
+    /// A plain submission of `spec`.
+    pub fn of(spec: pb::JobSpec) -> Submission {
+        Submission {
+            spec,
+            retried_from: None,
+            parent_job: None,
+        }
+    }
+}
+
+/// Handle to the submitter: validated submissions are group-committed (see
+/// [`crate::batch`]).
+pub type Submitter = GroupCommit<Submission, pb::SubmitJobResponse>;
 
 /// Starts the submitter on `queue`.
-pub fn start(env: Env, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobResponse>) {
+pub fn start(env: Env, queue: Queue<Submission, pb::SubmitJobResponse>) {
     GroupCommit::spawn(queue, "submit", MAX_PER_COMMIT, 1, move |batch| {
         let env = env.clone();
         async move {
@@ -35,8 +56,8 @@ pub fn start(env: Env, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobRe
                 Err(e) => {
                     tracing::debug!(error = %e, size = batch.len(), "submission batch failed; one at a time");
                     let mut answers = Vec::with_capacity(batch.len());
-                    for (spec, retried_from) in batch {
-                        answers.push(alone(&env, spec, retried_from).await);
+                    for submission in batch {
+                        answers.push(alone(&env, submission).await);
                     }
                     Ok(answers)
                 }
@@ -47,13 +68,9 @@ pub fn start(env: Env, queue: Queue<(pb::JobSpec, Option<Uuid>), pb::SubmitJobRe
 
 /// One submission on its own. When its idempotency key was stored meanwhile (by another
 /// replica: the unique index refused the insert), it answers with that job.
-async fn alone(
-    env: &Env,
-    spec: pb::JobSpec,
-    retried_from: Option<Uuid>,
-) -> Result<pb::SubmitJobResponse> {
-    let key = spec.idempotency_key.clone();
-    match commit(env, &[(spec, retried_from)]).await {
+async fn alone(env: &Env, submission: Submission) -> Result<pb::SubmitJobResponse> {
+    let key = submission.spec.idempotency_key.clone();
+    match commit(env, &[submission]).await {
         Ok(mut r) => r
             .pop()
             .unwrap_or_else(|| Err(Error::Internal("no answer".into()))),
@@ -85,14 +102,11 @@ enum Answer {
 /// Inserts a batch in one transaction; answers in the batch's order. An error is returned
 /// only when nothing was stored; once the batch is committed, each submission has its own
 /// answer.
-async fn commit(
-    env: &Env,
-    batch: &[(pb::JobSpec, Option<Uuid>)],
-) -> Result<Vec<Result<pb::SubmitJobResponse>>> {
+async fn commit(env: &Env, batch: &[Submission]) -> Result<Vec<Result<pb::SubmitJobResponse>>> {
     let keys: Vec<String> = batch
         .iter()
-        .filter(|(s, _)| !s.idempotency_key.is_empty())
-        .map(|(s, _)| s.idempotency_key.clone())
+        .filter(|s| !s.spec.idempotency_key.is_empty())
+        .map(|s| s.spec.idempotency_key.clone())
         .collect();
     let mut stored: HashMap<String, job::Model> = HashMap::new();
     if !keys.is_empty() {
@@ -111,7 +125,9 @@ async fn commit(
     let mut answers = Vec::with_capacity(batch.len());
     let mut fresh: HashMap<String, Uuid> = HashMap::new();
     let mut labels = Vec::new();
-    for (spec, retried_from) in batch {
+    let mut inputs = Vec::new();
+    for submission in batch {
+        let spec = &submission.spec;
         let key = &spec.idempotency_key;
         if let Some(m) = stored.get(key).filter(|_| !key.is_empty()) {
             answers.push(Answer::Existing(Box::new(m.clone())));
@@ -121,7 +137,8 @@ async fn commit(
             answers.push(Answer::Inserted(*id, true));
             continue;
         }
-        let model = new_job(spec, *retried_from, lc.now);
+        let mut model = new_job(spec, submission.retried_from, lc.now);
+        model.parent_job = submission.parent_job;
         let id = model.id;
         labels.extend(spec.labels.iter().map(|(k, v)| {
             job_label::Model {
@@ -131,6 +148,7 @@ async fn commit(
             }
             .into_active_model()
         }));
+        inputs.extend(super::spec::input_rows(id, spec));
         lc.insert_job(model);
         if !key.is_empty() {
             fresh.insert(key.clone(), id);
@@ -139,6 +157,11 @@ async fn commit(
     }
     for chunk in labels.chunks(500) {
         job_label::Entity::insert_many(chunk.to_vec())
+            .exec_without_returning(lc.txn())
+            .await?;
+    }
+    for chunk in inputs.chunks(500) {
+        job_input::Entity::insert_many(chunk.to_vec())
             .exec_without_returning(lc.txn())
             .await?;
     }

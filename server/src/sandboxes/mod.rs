@@ -95,6 +95,8 @@ pub fn validate(spec: Option<pb::SandboxSpec>) -> Result<(pb::SandboxSpec, pb::J
         metadata: spec.metadata.clone(),
         pull_policy: spec.pull_policy,
         cancel_grace_seconds: spec.cancel_grace_seconds,
+        inputs: spec.inputs.clone(),
+        artifacts: spec.artifacts.clone(),
         ..Default::default()
     };
     let mut job = spec::validate(Some(job), spec::MAX_TIMEOUT_SECONDS)
@@ -168,6 +170,8 @@ fn sandbox_spec(job: &pb::JobSpec, row: &sandbox::Model) -> pb::SandboxSpec {
         pull_policy: job.pull_policy,
         cancel_grace_seconds: job.cancel_grace_seconds,
         metadata: job.metadata.clone(),
+        inputs: job.inputs.clone(),
+        artifacts: job.artifacts.clone(),
     }
 }
 
@@ -304,6 +308,7 @@ async fn existing(db: &DatabaseConnection, key: String) -> Result<Option<Uuid>> 
 pub async fn create(env: &Env, req: pb::CreateSandboxRequest) -> Result<pb::CreateSandboxResponse> {
     check_text("idempotency_key", &req.idempotency_key, 255)?;
     let (spec, job_spec) = validate(req.spec)?;
+    spec::check_inputs_exist(env.store.db(), &job_spec.inputs, "spec.inputs").await?;
     let key = (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone());
     if let Some(key) = &key
         && let Some(id) = existing(env.store.db(), key.clone()).await?
@@ -330,6 +335,12 @@ pub async fn create(env: &Env, req: pb::CreateSandboxRequest) -> Result<pb::Crea
         idempotency_key: key.clone(),
     };
     lc.insert_sandbox(model, row);
+    let inputs = spec::input_rows(id, &job_spec);
+    if !inputs.is_empty() {
+        crate::store::entity::job_input::Entity::insert_many(inputs)
+            .exec_without_returning(lc.txn())
+            .await?;
+    }
     let signals = lc.flush().await?;
     if let Err(e) = env.commit(wtx, signals).await {
         // Another create with the same key won the race: answer with its sandbox.

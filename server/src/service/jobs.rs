@@ -1,26 +1,17 @@
 //! `gantry.v1.JobService`.
 use gantry_proto as pb;
-use tokio_stream::{StreamExt as _, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
+use super::streams::{self, Stream, stream};
 use crate::{
     App,
     error::Error,
     jobs::{self, parse_id},
+    work::artifacts,
 };
 
 /// JobService over the shared application state.
 pub struct JobApi(pub App);
-
-/// A domain stream as the protocol sends it.
-pub(super) type Stream<T> =
-    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
-
-pub(super) fn stream<T: Send + 'static>(
-    rx: tokio::sync::mpsc::Receiver<Result<T, Error>>,
-) -> Stream<T> {
-    Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))
-}
 
 impl JobApi {
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -38,7 +29,13 @@ impl pb::job_service_server::JobService for JobApi {
         let app = &self.0;
         let spec = request.into_inner().spec;
         Ok(Response::new(
-            jobs::submit(&app.submitter, app.config.default_timeout_seconds, spec).await?,
+            jobs::submit(
+                app.env.store.db(),
+                &app.submitter,
+                app.config.default_timeout_seconds,
+                spec,
+            )
+            .await?,
         ))
     }
 
@@ -134,5 +131,61 @@ impl pb::job_service_server::JobService for JobApi {
             req,
             id,
         ))))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<pb::ListArtifactsRequest>,
+    ) -> Result<Response<pb::ListArtifactsResponse>, Status> {
+        self.authenticate(&request).await?;
+        Ok(Response::new(
+            artifacts::list(self.0.env.store.db(), &request.get_ref().job_id).await?,
+        ))
+    }
+
+    type DownloadArtifactStream = Stream<pb::BlobChunk>;
+
+    async fn download_artifact(
+        &self,
+        request: Request<pb::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        self.authenticate(&request).await?;
+        let app = &self.0;
+        let s = artifacts::download(app.env.store.db(), &app.blobs, request.into_inner()).await?;
+        Ok(Response::new(streams::chunks(s)))
+    }
+
+    async fn upload_blob(
+        &self,
+        request: Request<tonic::Streaming<pb::UploadBlobRequest>>,
+    ) -> Result<Response<pb::UploadBlobResponse>, Status> {
+        self.authenticate(&request).await?;
+        let app = &self.0;
+        let (header, data) = streams::header_then_data(request.into_inner(), blob_part).await?;
+        let blob =
+            artifacts::upload_blob(&app.env, &app.blobs, app.config.data_limits(), header, data)
+                .await?;
+        Ok(Response::new(pb::UploadBlobResponse { blob: Some(blob) }))
+    }
+
+    type DownloadBlobStream = Stream<pb::BlobChunk>;
+
+    async fn download_blob(
+        &self,
+        request: Request<pb::DownloadBlobRequest>,
+    ) -> Result<Response<Self::DownloadBlobStream>, Status> {
+        self.authenticate(&request).await?;
+        let app = &self.0;
+        let s = artifacts::download_blob(app.env.store.db(), &app.blobs, &request.get_ref().digest)
+            .await?;
+        Ok(Response::new(streams::chunks(s)))
+    }
+}
+
+fn blob_part(m: pb::UploadBlobRequest) -> streams::Part<pb::BlobHeader> {
+    match m.part {
+        Some(pb::upload_blob_request::Part::Header(h)) => streams::Part::Header(h),
+        Some(pb::upload_blob_request::Part::Data(d)) => streams::Part::Data(d),
+        None => streams::Part::Empty,
     }
 }

@@ -7,6 +7,8 @@ pub mod runner;
 pub mod sandbox;
 pub mod session;
 pub mod status;
+pub mod streams;
+pub mod work;
 
 use tonic::{Request, Status, metadata::MetadataMap};
 

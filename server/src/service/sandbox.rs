@@ -9,7 +9,7 @@ use crate::{
     sandboxes,
 };
 
-use super::jobs::{Stream, stream};
+use super::streams::{Stream, stream};
 
 /// SandboxService over the shared application state.
 pub struct SandboxApi(pub App);

@@ -48,6 +48,8 @@ pub mod job {
         pub kind: i32,
         /// A command's sandbox.
         pub parent_id: Option<Uuid>,
+        /// The job whose work submitted this one (WorkService.SubmitChild).
+        pub parent_job: Option<Uuid>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -114,6 +116,8 @@ pub mod attempt {
         /// A command's attempt: the lease of its sandbox, which it lives and dies with (it is
         /// not heartbeated, not in the runner's account and takes no slot).
         pub parent_lease: Option<Uuid>,
+        /// SHA-256 (hex) of the attempt's work token; the token itself is never stored.
+        pub work_token_hash: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
@@ -287,6 +291,95 @@ pub mod sandbox_command {
         pub number: i32,
         pub stdin: Vec<u8>,
         pub idempotency_key: Option<String>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A job's result, set by its work (one row per job; a later one replaces it).
+pub mod job_result {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_results")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub job_id: Uuid,
+        /// The attempt that set it.
+        pub attempt: i32,
+        pub content_type: String,
+        pub data: Vec<u8>,
+        pub set_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// Bytes in the blob store, by digest: a row exists only once the bytes are stored whole.
+pub mod blob {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "blobs")]
+    pub struct Model {
+        /// `sha256:<64 hex>`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub digest: String,
+        pub size: i64,
+        pub created_at: i64,
+        /// Last upload (or artifact stored with these bytes): retention keeps a blob nothing
+        /// names for the blob grace after it.
+        pub last_used_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A file a job published, by (job, name); its bytes are the blob of `digest`.
+pub mod artifact {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "artifacts")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub job_id: Uuid,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub name: String,
+        pub attempt: i32,
+        pub digest: String,
+        pub size: i64,
+        pub created_at: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+/// A blob a job's spec names as an input: keeps the blob from retention while the job exists.
+pub mod job_input {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "job_inputs")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub job_id: Uuid,
+        /// The input's index in the spec.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub idx: i32,
+        pub digest: String,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -26,6 +26,7 @@ mod m20261121_000001_initial;
 mod m20261121_000002_dispatch_order;
 mod m20261129_000003_fencing_and_limits;
 mod m20261129_000004_sandboxes;
+mod m20261129_000005_work_data;
 
 /// The migrations, in order; applied at start-up.
 pub struct Migrator;
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000002_dispatch_order::Migration),
             Box::new(m20261129_000003_fencing_and_limits::Migration),
             Box::new(m20261129_000004_sandboxes::Migration),
+            Box::new(m20261129_000005_work_data::Migration),
         ]
     }
 }

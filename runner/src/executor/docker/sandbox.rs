@@ -3,8 +3,11 @@
 //!
 //! # The container
 //! Pulled per the pull policy as a job's image is, then created from the sandbox's image
-//! with its env (plus `GANTRY_SANDBOX_ID` and `GANTRY_RUNNER_ID`), working dir, memory and
-//! CPU limits, the labels of a job's container (`gantry.job-id` holds the sandbox id,
+//! with its env (plus `GANTRY_SANDBOX_ID`, and the variables of a job's container:
+//! `GANTRY_JOB_ID` — the sandbox id —, `GANTRY_ATTEMPT`, `GANTRY_RUNNER_ID`,
+//! `GANTRY_WORK_TOKEN`, `GANTRY_ENDPOINT`), the mounts of a job's container (the sandbox's
+//! endpoint, the `gantry` binary), working dir, memory and CPU limits, the labels of a job's
+//! container (`gantry.job-id` holds the sandbox id,
 //! `gantry.attempt`, `gantry.runner-id`, `gantry.lease-id`) plus `gantry.sandbox-id`, and
 //! `HostConfig.init`: the engine's init is PID 1, and it reaps whatever the commands orphan.
 //! Its main process is the image's `/bin/sh`: it starts the image's own entrypoint and
@@ -12,7 +15,9 @@
 //! command runs on or exits; it exits at once on SIGTERM. Removing the sandbox removes the
 //! container by force. Since it carries `gantry.runner-id`, a container left behind by a
 //! runner that crashed goes with that runner's other containers when it starts again
-//! ([`DockerExecutor::remove_orphans`]).
+//! ([`DockerExecutor::remove_orphans`]). The sandbox's inputs are copied into the container
+//! after it is created and before it starts; its artifacts are read out of it (still
+//! running) before it is removed.
 //!
 //! # A command, and its process group
 //! Stopping a command (a cancel, its timeout, the sandbox's deletion) must stop it and what
@@ -49,7 +54,7 @@ use bollard::{
     container::LogOutput,
     errors::Error as DockerError,
     exec::{StartExecOptions, StartExecResults},
-    models::{ContainerCreateBody, ExecConfig},
+    models::{ContainerCreateBody, ExecConfig, Mount},
     query_parameters::CreateContainerOptions,
 };
 use futures::{StreamExt as _, future::BoxFuture};
@@ -57,11 +62,14 @@ use gantry_proto as pb;
 use tokio::{io::AsyncWriteExt as _, time::Instant};
 
 use super::{
-    DockerExecutor, LABEL_ATTEMPT, LABEL_JOB, LABEL_LEASE, LABEL_RUNNER, force_remove, host_config,
-    is_not_found, short,
+    DockerExecutor, LABEL_ATTEMPT, LABEL_JOB, LABEL_LEASE, LABEL_RUNNER, files::Transfer,
+    force_remove, host_config, is_not_found, short,
 };
-use crate::executor::{
-    Exec, Io, NEVER, OUTPUT_DRAIN, Outcome, StopSignal, Work, Workspace, stop_requested,
+use crate::{
+    executor::{
+        Exec, Io, NEVER, OUTPUT_DRAIN, Outcome, StopSignal, Work, Workspace, stop_requested,
+    },
+    relay,
 };
 
 /// Label naming the sandbox of a container.
@@ -115,6 +123,12 @@ pub struct DockerWorkspace {
     docker: Docker,
     /// The container's id.
     container: String,
+    /// Its working directory (artifacts are relative to it).
+    working_dir: String,
+    /// GANTRY_ENDPOINT of its commands (`None`: the sandbox has no endpoint).
+    endpoint: Option<String>,
+    /// Files out of the container.
+    transfer: Transfer,
 }
 
 impl DockerExecutor {
@@ -162,7 +176,7 @@ impl DockerExecutor {
                     name: Some(format!("gantry-sandbox-{}", sandbox.job_id)),
                     ..Default::default()
                 }),
-                container_body(sandbox, &own),
+                container_body(sandbox, &own, self.mounts(sandbox)),
             )
             .await;
         let container = match created {
@@ -180,12 +194,35 @@ impl DockerExecutor {
                 ));
             }
         };
-        io.phase(pb::ExecutorPhase::Starting, short(&container))
-            .await;
+        let transfer = self.transfer();
+        let working_dir = transfer.working_dir(&container, spec).await;
         let workspace = DockerWorkspace {
             docker: self.docker.clone(),
             container,
+            working_dir,
+            endpoint: sandbox
+                .access
+                .relay_dir()
+                .map(|_| relay::CONTAINER_ENDPOINT.to_string()),
+            transfer,
         };
+        if let Err(failed) = workspace
+            .transfer
+            .copy_inputs(
+                sandbox,
+                &workspace.container,
+                &workspace.working_dir,
+                &mut stop,
+            )
+            .await
+        {
+            if let Err(why) = workspace.remove_container().await {
+                tracing::warn!("{why}");
+            }
+            return Err(failed);
+        }
+        io.phase(pb::ExecutorPhase::Starting, short(&workspace.container))
+            .await;
         if let Err(e) = self
             .docker
             .start_container(&workspace.container, None)
@@ -205,11 +242,11 @@ impl DockerExecutor {
 
 /// The sandbox's container: its image, its own entrypoint and command (`own`) started in the
 /// background, kept running by [`IDLE`] under the engine's init.
-fn container_body(sandbox: &Work, own: &[String]) -> ContainerCreateBody {
+fn container_body(sandbox: &Work, own: &[String], mounts: Vec<Mount>) -> ContainerCreateBody {
     let spec = &sandbox.spec;
     let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.push(format!("GANTRY_SANDBOX_ID={}", sandbox.job_id));
-    env.push(format!("GANTRY_RUNNER_ID={}", sandbox.runner_id));
+    env.extend(DockerExecutor::gantry_env(sandbox));
     let labels = HashMap::from([
         (LABEL_JOB.to_string(), sandbox.job_id.clone()),
         (LABEL_ATTEMPT.to_string(), sandbox.attempt.to_string()),
@@ -219,6 +256,7 @@ fn container_body(sandbox: &Work, own: &[String]) -> ContainerCreateBody {
     ]);
     let mut host_config = host_config(spec);
     host_config.init = Some(true);
+    host_config.mounts = Some(mounts);
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         // With an entrypoint given, the image's command is not appended: it is in `own`.
@@ -601,6 +639,23 @@ impl Workspace for DockerWorkspace {
 
     fn remove(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(self.remove_container())
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        self.endpoint.clone()
+    }
+
+    fn store_artifacts<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            self.transfer
+                .store_artifacts(sandbox, &self.container, &self.working_dir, io, &stop)
+                .await
+        })
     }
 }
 

@@ -9,6 +9,9 @@
 //! after the grace; whatever it leaves running in its group is killed when it exits. Files
 //! stay: the next command sees what the previous one wrote.
 //!
+//! The sandbox's inputs are written into the directory when it is made (before the sandbox
+//! reports RUNNING), and its artifacts are stored from it before it is removed.
+//!
 //! A runner that crashed leaves its workspaces behind; it removes them when it starts again
 //! ([`ProcessExecutor::remove_orphan_workspaces`]), as the docker executor removes its
 //! containers.
@@ -22,7 +25,7 @@ use gantry_proto as pb;
 use tokio::io::AsyncWriteExt as _;
 
 use super::{ProcessExecutor, supervise, without_runner_env};
-use crate::executor::{Exec, Io, Outcome, StopSignal, Work, Workspace};
+use crate::executor::{Exec, Io, Outcome, StopSignal, Work, Workspace, files};
 
 /// Workspace directories are named this, then the sandbox id.
 const PREFIX: &str = "sandbox-";
@@ -31,14 +34,17 @@ const PREFIX: &str = "sandbox-";
 pub struct ProcessWorkspace {
     /// The directory (absolute): the commands' default working directory.
     dir: PathBuf,
+    /// GANTRY_ENDPOINT of its commands: the sandbox's socket on this host.
+    endpoint: Option<String>,
 }
 
 impl ProcessExecutor {
-    /// Makes the sandbox's directory, empty.
+    /// Makes the sandbox's directory, with its inputs in it.
     pub(super) async fn create_sandbox(
         &self,
         sandbox: &Work,
         io: &mut Io,
+        mut stop: StopSignal,
     ) -> Result<Box<dyn Workspace>, Outcome> {
         // The sandbox id names the directory: only a UUID may (it comes from the network).
         let Ok(id) = uuid::Uuid::try_parse(&sandbox.job_id) else {
@@ -61,10 +67,19 @@ impl ProcessExecutor {
                 format!("cannot create the workspace {}: {e}", dir.display()),
             ));
         }
+        if let Err(failed) = files::place_inputs(sandbox, &dir, &mut stop).await {
+            if let Err(e) = remove_dir(&dir).await {
+                tracing::warn!("{e}");
+            }
+            return Err(failed);
+        }
         // Nothing runs until a command comes: starting is instant.
         io.phase(pb::ExecutorPhase::Starting, dir.display().to_string())
             .await;
-        Ok(Box::new(ProcessWorkspace { dir }))
+        Ok(Box::new(ProcessWorkspace {
+            dir,
+            endpoint: sandbox.access.local_endpoint(),
+        }))
     }
 
     /// Removes the sandbox workspaces an earlier run of this runner left behind (a runner
@@ -177,5 +192,18 @@ impl Workspace for ProcessWorkspace {
 
     fn remove(&self) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(remove_dir(&self.dir))
+    }
+
+    fn endpoint(&self) -> Option<String> {
+        self.endpoint.clone()
+    }
+
+    fn store_artifacts<'a>(
+        &'a self,
+        sandbox: &'a Work,
+        io: &'a mut Io,
+        stop: StopSignal,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move { files::store_artifacts(sandbox, &self.dir, io, &stop).await })
     }
 }
