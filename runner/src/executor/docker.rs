@@ -160,7 +160,9 @@ impl DockerExecutor {
         };
         let mut mounts = Vec::new();
         if let Some(dir) = work.access.relay_dir() {
-            mounts.push(bind(dir, relay::CONTAINER_DIR, false));
+            // Read-only: connecting to a socket needs no write access to its file system,
+            // and the container has no business writing into the runner's state directory.
+            mounts.push(bind(dir, relay::CONTAINER_DIR, true));
         }
         if let Some(binary) = &self.gantry_binary {
             mounts.push(bind(binary, GANTRY_IN_CONTAINER, true));
