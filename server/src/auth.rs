@@ -47,7 +47,7 @@ pub fn random_token() -> String {
 }
 
 /// The token of an `authorization` metadata value (`None`: there was none).
-fn token(authorization: Option<&str>) -> Result<&str> {
+pub fn token(authorization: Option<&str>) -> Result<&str> {
     let value = authorization.ok_or_else(|| {
         Error::Unauthenticated(
             "missing authorization metadata (expected `authorization: Bearer <token>`)".into(),

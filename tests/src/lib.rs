@@ -420,15 +420,7 @@ pub async fn wait_for_status(
     id: &str,
     status: pb::JobStatus,
 ) -> Vec<pb::JobEvent> {
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_sequence: 0,
-            follow: true,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch(jobs, id, true).await;
     let mut seen = Vec::new();
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -448,17 +440,25 @@ pub async fn wait_for_status(
     }
 }
 
+/// A job's events from the first (and, with `follow`, until it is terminal).
+pub async fn watch(
+    jobs: &mut JobServiceClient<Authed>,
+    id: &str,
+    follow: bool,
+) -> tonic::Streaming<pb::JobEvent> {
+    jobs.watch_job(pb::WatchJobRequest {
+        job_id: id.into(),
+        after_sequence: 0,
+        follow,
+    })
+    .await
+    .expect("watch")
+    .into_inner()
+}
+
 /// Every event of a job so far (not following).
 pub async fn events(jobs: &mut JobServiceClient<Authed>, id: &str) -> Vec<pb::JobEvent> {
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_sequence: 0,
-            follow: false,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch(jobs, id, false).await;
     let mut out = Vec::new();
     while let Some(e) = stream.next().await {
         out.push(e.expect("event"));
@@ -468,15 +468,7 @@ pub async fn events(jobs: &mut JobServiceClient<Authed>, id: &str) -> Vec<pb::Jo
 
 /// Follows a job until it is terminal (its event stream ends then); returns it.
 pub async fn finished(jobs: &mut JobServiceClient<Authed>, id: &str) -> pb::Job {
-    let mut stream = jobs
-        .watch_job(pb::WatchJobRequest {
-            job_id: id.into(),
-            after_sequence: 0,
-            follow: true,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = watch(jobs, id, true).await;
     tokio::time::timeout(PATIENCE, async {
         while let Some(e) = stream.next().await {
             e.expect("event");

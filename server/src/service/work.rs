@@ -11,7 +11,7 @@ pub struct WorkApi(pub App);
 
 /// The work token of a call (UNAUTHENTICATED when there is none).
 fn token<T>(request: &Request<T>) -> Result<String, Status> {
-    Ok(work::bearer(super::authorization(request.metadata()))?.to_string())
+    Ok(crate::auth::token(super::authorization(request.metadata()))?.to_string())
 }
 
 fn artifact_part(m: pb::UploadArtifactRequest) -> Part<pb::ArtifactHeader> {

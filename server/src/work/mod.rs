@@ -32,23 +32,6 @@ pub struct Scope {
     pub attempt: u32,
 }
 
-/// The token of an `authorization` metadata value.
-pub fn bearer(authorization: Option<&str>) -> Result<&str> {
-    let value = authorization.ok_or_else(|| {
-        Error::Unauthenticated(
-            "missing authorization metadata (expected `authorization: Bearer <GANTRY_WORK_TOKEN>`)"
-                .into(),
-        )
-    })?;
-    value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .map(str::trim)
-        .ok_or_else(|| {
-            Error::Unauthenticated("authorization metadata must be `Bearer <token>`".into())
-        })
-}
-
 /// Checks `token` against its attempt and the job's current lease, for an action on `job_id`.
 /// Unknown or wrong token: UNAUTHENTICATED; another job's work: PERMISSION_DENIED; an attempt
 /// that is no longer current: FAILED_PRECONDITION.
